@@ -1,0 +1,36 @@
+"""aimv2-kernels: fused ops for AIMv2-style pre-training.
+
+    import aimv2_kernels as ak
+    y = ak.rms_norm(x, weight)
+    o = ak.prefix_causal_attention(q, k, v, prefix_len)
+
+Every op is a `torch.library` custom op (namespace `aimv2_kernels`) with a pure-PyTorch reference in
+`aimv2_kernels.reference`; `set_backend` / `use_backend` pick the implementation.
+"""
+from . import nn, reference
+from .backend import available_backends, get_backend, set_backend, unavailable_reason, use_backend
+from .ops.attention import prefix_causal_attention
+from .ops.loss import AIMv2Loss, aimv2_loss, linear_cross_entropy, patch_mse_loss
+from .ops.norm import rms_norm, rms_norm_residual
+from .ops.swiglu import swiglu, swiglu_packed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AIMv2Loss",
+    "aimv2_loss",
+    "available_backends",
+    "get_backend",
+    "linear_cross_entropy",
+    "nn",
+    "patch_mse_loss",
+    "prefix_causal_attention",
+    "reference",
+    "rms_norm",
+    "rms_norm_residual",
+    "set_backend",
+    "swiglu",
+    "swiglu_packed",
+    "unavailable_reason",
+    "use_backend",
+]

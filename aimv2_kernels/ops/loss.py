@@ -1,0 +1,209 @@
+"""The AIMv2 losses as custom ops: norm-pix patch MSE, linear cross-entropy, and their sum."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..backend import register, resolve
+from ..validation import INDEX_DTYPES, check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
+
+
+class AIMv2Loss(NamedTuple):
+    """total = alpha * pixel + text; each a float32 scalar tensor."""
+
+    total: Tensor
+    pixel: Tensor
+    text: Tensor
+
+
+def _cdt(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---- "torch" backend -----------------------------------------------------------------------------
+
+@register("patch_mse_fwd", "torch")
+def _patch_mse_fwd_torch(pred, target, mask, norm_pix, eps):
+    return ref.patch_mse_loss(pred, target, mask, norm_pix, eps)
+
+
+@register("patch_mse_bwd", "torch")
+def _patch_mse_bwd_torch(dloss, pred, target, mask, norm_pix, eps):
+    """d loss / d pred = 2 (pred - t) / P * counted / n_counted."""
+    cdt = _cdt(pred)
+    t = ref.normalize_patches(target, eps) if norm_pix else target.to(cdt)
+    scale = 2.0 / pred.shape[-1]
+    if mask is None:
+        weights = torch.full(pred.shape[:-1], 1.0 / max(pred.shape[0] * pred.shape[1], 1), dtype=cdt, device=pred.device)
+    else:
+        counted = mask.to(cdt)
+        weights = counted / counted.sum().clamp_min(1.0)
+    dpred = (pred.to(cdt) - t) * (scale * weights * dloss.to(cdt)).unsqueeze(-1)
+    return dpred.to(pred.dtype).contiguous()
+
+
+@register("linear_ce_fwd", "torch")
+def _linear_ce_fwd_torch(hidden, weight, labels, bias, ignore_index):
+    """Returns (loss, lse (T,)) with hidden flattened to (T, D)."""
+    cdt = _cdt(hidden)
+    logits = hidden.reshape(-1, hidden.shape[-1]).to(cdt) @ weight.to(cdt).t()
+    if bias is not None:
+        logits = logits + bias.to(cdt)
+    return ref.linear_cross_entropy(hidden, weight, labels, bias, ignore_index), torch.logsumexp(logits, dim=-1)
+
+
+@register("linear_ce_bwd", "torch")
+def _linear_ce_bwd_torch(dloss, hidden, weight, labels, bias, lse, ignore_index):
+    """dlogits = (softmax - onehot) * counted / n_counted * dloss; then the two matmul gradients."""
+    cdt = _cdt(hidden)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(cdt)  # (T, D)
+    w = weight.to(cdt)  # (V, D)
+    logits = h @ w.t()
+    if bias is not None:
+        logits = logits + bias.to(cdt)
+    flat = labels.reshape(-1)
+    counted = flat != ignore_index
+    probs = torch.exp(logits - lse.to(cdt).unsqueeze(-1))
+    probs[counted, flat[counted]] -= 1.0
+    dlogits = probs * (counted.to(cdt) / counted.sum().clamp_min(1) * dloss.to(cdt)).unsqueeze(-1)
+    dhidden = (dlogits @ w).reshape(hidden.shape).to(hidden.dtype)
+    dweight = (dlogits.t() @ h).to(weight.dtype)
+    dbias = dlogits.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0)
+    return dhidden, dweight, dbias
+
+
+# ---- custom ops ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("aimv2_kernels::patch_mse_loss", mutates_args=())
+def patch_mse_op(pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
+    return resolve("patch_mse_fwd", pred.device)[1](pred, target, mask, norm_pix, eps)
+
+
+@patch_mse_op.register_fake
+def _(pred, target, mask, norm_pix, eps):
+    return pred.new_empty((), dtype=_cdt(pred))
+
+
+@torch.library.custom_op("aimv2_kernels::patch_mse_loss_backward", mutates_args=())
+def patch_mse_backward_op(dloss: Tensor, pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
+    return resolve("patch_mse_bwd", pred.device)[1](dloss, pred, target, mask, norm_pix, eps)
+
+
+@patch_mse_backward_op.register_fake
+def _(dloss, pred, target, mask, norm_pix, eps):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _setup_patch_mse(ctx, inputs, output):
+    pred, target, mask, norm_pix, eps = inputs
+    ctx.norm_pix, ctx.eps = norm_pix, eps
+    ctx.save_for_backward(pred, target, mask)
+
+
+def _patch_mse_backward(ctx, dloss):
+    pred, target, mask = ctx.saved_tensors
+    return patch_mse_backward_op(dloss, pred, target, mask, ctx.norm_pix, ctx.eps), None, None, None, None
+
+
+patch_mse_op.register_autograd(_patch_mse_backward, setup_context=_setup_patch_mse)
+
+
+@torch.library.custom_op("aimv2_kernels::linear_cross_entropy", mutates_args=())
+def linear_ce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Returns (mean loss, per-token log-sum-exp (T,)), both float32 (float64 for float64 input)."""
+    return resolve("linear_ce_fwd", hidden.device)[1](hidden, weight, labels, bias, ignore_index)
+
+
+@linear_ce_op.register_fake
+def _(hidden, weight, labels, bias, ignore_index):
+    tokens = labels.numel()
+    return hidden.new_empty((), dtype=_cdt(hidden)), hidden.new_empty(tokens, dtype=_cdt(hidden))
+
+
+@torch.library.custom_op("aimv2_kernels::linear_cross_entropy_backward", mutates_args=())
+def linear_ce_backward_op(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+                          lse: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    return resolve("linear_ce_bwd", hidden.device)[1](dloss, hidden, weight, labels, bias, lse, ignore_index)
+
+
+@linear_ce_backward_op.register_fake
+def _(dloss, hidden, weight, labels, bias, lse, ignore_index):
+    dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
+    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
+
+
+def _setup_linear_ce(ctx, inputs, output):
+    hidden, weight, labels, bias, ignore_index = inputs
+    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(hidden, weight, labels, bias, output[1])
+
+
+def _linear_ce_backward(ctx, dloss, _dlse):
+    hidden, weight, labels, bias, lse = ctx.saved_tensors
+    dh, dw, db = linear_ce_backward_op(dloss, hidden, weight, labels, bias, lse, ctx.ignore_index)
+    return dh, dw, None, (db if bias is not None else None), None
+
+
+linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_setup_linear_ce)
+
+
+# ---- functional API ------------------------------------------------------------------------------
+
+def _check_patch_inputs(pred, target, mask, eps) -> float:
+    check_tensor("pred", pred, ndim=3)
+    check_tensor("target", target, ndim=3)
+    check_shape("target", target, tuple(pred.shape), "the shape of pred: (B, N, P)")
+    check_same_device("pred", pred, target=target, mask=mask)
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,), ndim=2)
+        check_shape("mask", mask, tuple(pred.shape[:2]), "(B, N) of pred")
+    if pred.shape[-1] < 2:
+        raise ValueError(f"pred must have at least 2 values per patch (unbiased variance), got shape {tuple(pred.shape)}")
+    return check_positive_float("eps", eps)
+
+
+def patch_mse_loss(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None, *, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
+    """Mean over counted patches of per-patch MSE between pred and the (norm-pix) target.
+
+    pred, target (B, N, P), pred[:, i] predicting target[:, i]; mask bool (B, N), True = counted.
+    Gradient flows to pred only. Returns a float32 scalar (0 when nothing is counted).
+    """
+    eps = _check_patch_inputs(pred, target, mask, eps)
+    return patch_mse_op(pred, target.detach(), mask, bool(norm_pix), eps)
+
+
+def _check_ce_inputs(hidden, weight, labels, bias, ignore_index) -> None:
+    check_tensor("hidden", hidden, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("labels", labels, dtypes=INDEX_DTYPES)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden's last dim, got {tuple(weight.shape)}")
+    check_shape("labels", labels, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
+    check_same_device("hidden", hidden, weight=weight, labels=labels, bias=bias)
+    check_same_dtype("hidden", hidden, weight=weight, bias=bias)
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],), "(V,)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of hidden @ weight.T (+ bias) over labels != ignore_index, in float32.
+
+    hidden (..., D), weight (V, D), labels (...) int. Returns a float32 scalar (0 if all ignored).
+    """
+    _check_ce_inputs(hidden, weight, labels, bias, ignore_index)
+    return linear_ce_op(hidden, weight, labels, bias, ignore_index)[0]
+
+
+def aimv2_loss(pixel_pred: Tensor, patches: Tensor, patch_mask: Optional[Tensor], text_hidden: Tensor, text_weight: Tensor,
+               labels: Tensor, *, alpha: float = 0.4, ignore_index: int = -100, norm_pix: bool = True, eps: float = 1e-6) -> AIMv2Loss:
+    """AIMv2 objective: alpha * patch_mse_loss(pixel_pred, patches, patch_mask) + linear_cross_entropy(...)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
+        raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
+    pixel = patch_mse_loss(pixel_pred, patches, patch_mask, norm_pix=norm_pix, eps=eps)
+    text = linear_cross_entropy(text_hidden, text_weight, labels, ignore_index=ignore_index)
+    return AIMv2Loss(alpha * pixel + text, pixel, text)

@@ -1,0 +1,140 @@
+"""RMSNorm and fused residual-add RMSNorm as custom ops."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..backend import register, resolve
+from ..validation import check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
+
+# ---- "torch" backend: reference forward, analytic backward ----------------------------------------
+
+@register("rms_norm_fwd", "torch")
+def _rms_norm_fwd_torch(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    """Returns y (like x) and rstd = 1/sqrt(mean(x^2) + eps) of shape x.shape[:-1] in float32/64."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rstd = torch.rsqrt(x.to(cdt).pow(2).mean(dim=-1) + eps)
+    return ref.rms_norm(x, weight, eps).contiguous(), rstd
+
+
+@register("rms_norm_bwd", "torch")
+def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                        dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat."""
+    cdt = rstd.dtype
+    xf, dyf, r = x.to(cdt), dy.to(cdt), rstd.unsqueeze(-1).to(cdt)
+    x_hat = xf * r
+    g = dyf * weight.to(cdt) if weight is not None else dyf
+    dx = r * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+    if dresidual is not None:
+        dx = dx + dresidual.to(cdt)
+    dw = (dyf * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    return dx.to(x.dtype).contiguous(), dw
+
+
+# ---- custom ops ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("aimv2_kernels::rms_norm", mutates_args=())
+def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+    return resolve("rms_norm_fwd", x.device)[1](x, weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=cdt)
+
+
+@torch.library.custom_op("aimv2_kernels::rms_norm_residual", mutates_args=())
+def rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (normalized x + residual, x + residual, rstd)."""
+    kernel = resolve("rms_norm_residual_fwd", x.device)[1]
+    return kernel(x, residual, weight, eps)
+
+
+@rms_norm_residual_op.register_fake
+def _(x, residual, weight, eps):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return y, torch.empty_like(y), x.new_empty(x.shape[:-1], dtype=cdt)
+
+
+@register("rms_norm_residual_fwd", "torch")
+def _rms_norm_residual_fwd_torch(x, residual, weight, eps):
+    stream = (x + residual).contiguous()
+    y, rstd = _rms_norm_fwd_torch(stream, weight, eps)
+    return y, stream, rstd
+
+
+@torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                         dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None)."""
+    return resolve("rms_norm_bwd", x.device)[1](dy, x, weight, rstd, dresidual)
+
+
+@rms_norm_backward_op.register_fake
+def _(dy, x, weight, rstd, dresidual):
+    dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw
+
+
+def _setup_norm(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward_op(dy, x, weight, rstd, None)
+    return dx, (dw if weight is not None else None), None
+
+
+def _setup_norm_residual(ctx, inputs, output):
+    weight = inputs[2]
+    ctx.save_for_backward(output[1], weight, output[2])
+
+
+def _norm_residual_backward(ctx, dy, dstream, _drstd):
+    stream, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_backward_op(dy, stream, weight, rstd, dstream)
+    return dx, dx, (dw if weight is not None else None), None
+
+
+rms_norm_op.register_autograd(_norm_backward, setup_context=_setup_norm)
+rms_norm_residual_op.register_autograd(_norm_residual_backward, setup_context=_setup_norm_residual)
+
+
+# ---- functional API ------------------------------------------------------------------------------
+
+def _check_norm_inputs(x: Tensor, weight: Optional[Tensor], eps) -> float:
+    check_tensor("x", x, min_ndim=1)
+    if weight is not None:
+        check_tensor("weight", weight, ndim=1)
+        check_shape("weight", weight, (x.shape[-1],), "the last dim of x")
+        check_same_device("x", x, weight=weight)
+    return check_positive_float("eps", eps)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dim of x (any leading dims); weight (x.shape[-1],) or None.
+
+    Computed in float32 and returned in x's dtype; weight may have another float dtype (an fp32
+    parameter under bf16 autocast) and its gradient comes back in weight's dtype.
+    """
+    eps = _check_norm_inputs(x, weight, eps)
+    return rms_norm_op(x, weight, eps)[0]
+
+
+def rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's add-then-normalize."""
+    eps = _check_norm_inputs(x, weight, eps)
+    check_tensor("residual", residual)
+    check_shape("residual", residual, tuple(x.shape), "the shape of x")
+    check_same_device("x", x, residual=residual)
+    check_same_dtype("x", x, residual=residual)
+    y, stream, _ = rms_norm_residual_op(x, residual, weight, eps)
+    return y, stream

@@ -1,0 +1,48 @@
+"""Test harness: real Triton kernels run on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection, when
+no GPU is present. Tests marked `gpu` are skipped on such machines.
+"""
+import os
+
+import pytest
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # keep Triton's current default, without its warning
+
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_default_backend():
+    """Every test starts from a fixed seed and the process-default backend."""
+    import aimv2_kernels as ak
+
+    torch.manual_seed(0)
+    previous = ak.get_backend()
+    yield
+    ak.set_backend(previous)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")
