@@ -1,10 +1,10 @@
-"""Drop-in modules built on the functional ops."""
+"""RMSNorm module: a drop-in for torch.nn.RMSNorm."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .ops.norm import rms_norm
+from ..ops.norm import rms_norm
 
 
 class RMSNorm(nn.Module):
