@@ -1,0 +1,72 @@
+"""The AIMv2 multimodal decoder: causal attention over [image tokens | BOS | caption tokens]."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import aimv2_kernels as ak
+
+from .blocks import init_weights, make_blocks, run_blocks
+from .config import AIMv2Config
+
+
+class AIMv2Decoder(nn.Module):
+    """(encoder features (B, N, enc_dim), tokens (B, T)) -> (pixel predictions, text hidden states).
+
+    The sequence is [N projected image features | BOS | T token embeddings] with learned positions on
+    the text part only, run causally. Outputs come already shifted: pixel_pred[:, i] (from image
+    position i) predicts patch i + 1; text_hidden[:, k] (BOS for k = 0, else token k - 1) predicts
+    token k. The text logits are text_hidden @ text_head.weight.T; the loss fuses that product.
+
+    State-dict keys: image_proj.{weight,bias}, token_embed.weight, bos (1, 1, dec_dim),
+    pos_embed (1, T + 1, dec_dim), blocks.{i}..., norm.weight, pixel_head.weight, text_head.weight.
+    """
+
+    def __init__(self, config: AIMv2Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.image_proj = nn.Linear(c.enc_dim, c.dec_dim, bias=True)
+        self.token_embed = nn.Embedding(c.vocab_size, c.dec_dim)
+        self.bos = nn.Parameter(torch.empty(1, 1, c.dec_dim))
+        self.pos_embed = nn.Parameter(torch.empty(1, c.max_text_len + 1, c.dec_dim))
+        self.blocks = make_blocks(c.dec_dim, c.dec_depth, c.dec_heads, c.dec_hidden, c.norm_eps)
+        self.norm = ak.nn.RMSNorm(c.dec_dim, eps=c.norm_eps)
+        self.pixel_head = nn.Linear(c.dec_dim, c.patch_dim, bias=False)
+        self.text_head = nn.Linear(c.dec_dim, c.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.apply(init_weights)
+        nn.init.normal_(self.bos, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def _check_tokens(self, tokens: Tensor, batch: int) -> None:
+        T = self.config.max_text_len
+        if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be an int32/int64 tensor, got {getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.dim() != 2 or tokens.shape[0] != batch or not 1 <= tokens.shape[1] <= T:
+            raise ValueError(f"tokens must have shape ({batch}, T) with 1 <= T <= max_text_len={T}, got {tuple(tokens.shape)}")
+
+    def hidden_states(self, features: Tensor, tokens: Tensor) -> Tensor:
+        """Final-normed decoder states (B, N + 1 + T, dec_dim) of [image | BOS | tokens]."""
+        B, N, _ = features.shape
+        self._check_tokens(tokens, B)
+        T = tokens.shape[1]
+        image = self.image_proj(features)  # (B, N, dec_dim)
+        text = torch.cat([self.bos.expand(B, -1, -1), self.token_embed(tokens)], dim=1)  # (B, T + 1, dec_dim)
+        text = text + self.pos_embed[:, : T + 1]
+        x = torch.cat([image, text], dim=1)  # (B, S, dec_dim); promotes a bf16 image part under autocast
+        return run_blocks(self.blocks, self.norm, x, None, causal=True)
+
+    def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """-> pixel_pred (B, N - 1, patch_dim) for patches 1..N-1, text_hidden (B, T, dec_dim) for tokens 0..T-1."""
+        N, T = features.shape[1], tokens.shape[1]
+        h = self.hidden_states(features, tokens)
+        pixel_pred = self.pixel_head(h[:, : N - 1])
+        text_hidden = h[:, N : N + T]  # BOS .. token T-2; the last token's output predicts nothing
+        return pixel_pred, text_hidden
+
+    def text_logits(self, text_hidden: Tensor) -> Tensor:
+        """(B, T, dec_dim) -> (B, T, vocab) logits; materializes them, for inspection and sampling only."""
+        return self.text_head(text_hidden)

@@ -1,0 +1,138 @@
+"""Conversion between `AIMv2Encoder` and transformers' `Aimv2VisionModel` (the non-native variant).
+
+Released AIMv2 checkpoints load into `Aimv2VisionModel`; this maps its weights onto ours and back.
+Key map (ours <- theirs), per block i; our attention projects q, k, v with one fused matrix, theirs
+with three, so qkv is their q, k and v stacked along the output dim:
+
+    patch_embed.{weight,bias}     <- embeddings.patch_embed.{weight,bias}
+    patch_norm.weight             <- embeddings.rms_norm.weight
+    pos_embed (1, N, D)           <- embeddings.position_embedding.weight (N, D)
+    blocks.i.norm1.weight         <- encoder.layers.i.rms_norm1.weight
+    blocks.i.attn.qkv.weight      <- cat(encoder.layers.i.attention.{q,k,v}_proj.weight)
+    blocks.i.attn.proj.weight     <- encoder.layers.i.attention.out_proj.weight
+    blocks.i.norm2.weight         <- encoder.layers.i.rms_norm2.weight
+    blocks.i.mlp.fc1/fc3/fc2      <- encoder.layers.i.ffn.gate_proj/up_proj/down_proj
+    norm.weight                   <- rms_norm.weight
+
+The attention-pooling head (`head.*`, present when use_head=True) is not part of the trunk and is not
+converted. Variants we do not implement (native resolution with sinusoidal positions, biases in
+attention or MLP, another activation) are refused with a ValueError.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import AIMv2Config
+from .encoder import AIMv2Encoder
+
+_MLP_NAMES = (("fc1", "gate_proj"), ("fc3", "up_proj"), ("fc2", "down_proj"))
+_POS_KEY = "embeddings.position_embedding.weight"
+
+
+def _side(value, name: str) -> int:
+    """A square size from an int or an (h, w) pair."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"only square {name} is supported, got {value!r}")
+        value = value[0]
+    return int(value)
+
+
+def config_from_transformers(hf_config, **overrides) -> AIMv2Config:
+    """An AIMv2Config whose encoder matches an `Aimv2VisionConfig` (decoder fields keep their defaults)."""
+    unsupported = {
+        "is_native": getattr(hf_config, "is_native", False),
+        "qkv_bias": getattr(hf_config, "qkv_bias", False),
+        "mlp_bias": getattr(hf_config, "mlp_bias", False),
+    }
+    for name, value in unsupported.items():
+        if value:
+            raise ValueError(f"Aimv2VisionConfig.{name}=True is not supported by AIMv2Encoder")
+    if hf_config.hidden_act != "silu":
+        raise ValueError(f"Aimv2VisionConfig.hidden_act must be 'silu' (SwiGLU), got {hf_config.hidden_act!r}")
+    fields = dict(
+        image_size=_side(hf_config.image_size, "image_size"), patch_size=_side(hf_config.patch_size, "patch_size"),
+        channels=hf_config.num_channels, enc_dim=hf_config.hidden_size, enc_depth=hf_config.num_hidden_layers,
+        enc_heads=hf_config.num_attention_heads, enc_hidden=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps,
+    )
+    fields.update(overrides)
+    return AIMv2Config(**fields)
+
+
+def transformers_config_kwargs(config: AIMv2Config) -> dict:
+    """Keyword arguments for an `Aimv2VisionConfig` with this encoder's shape (no pooling head)."""
+    c = config
+    return dict(hidden_size=c.enc_dim, intermediate_size=c.enc_hidden, num_hidden_layers=c.enc_depth,
+                num_attention_heads=c.enc_heads, num_channels=c.channels, image_size=c.image_size,
+                patch_size=c.patch_size, rms_norm_eps=c.norm_eps, qkv_bias=False, mlp_bias=False,
+                hidden_act="silu", is_native=False, use_head=False)
+
+
+def _renamed_keys(depth: int) -> list[tuple[str, str]]:
+    """(our key, their key) for every tensor that maps one to one, unchanged."""
+    pairs = [("patch_embed.weight", "embeddings.patch_embed.weight"), ("patch_embed.bias", "embeddings.patch_embed.bias"),
+             ("patch_norm.weight", "embeddings.rms_norm.weight"), ("norm.weight", "rms_norm.weight")]
+    for i in range(depth):
+        mine, layer = f"blocks.{i}.", f"encoder.layers.{i}."
+        pairs += [(mine + "norm1.weight", layer + "rms_norm1.weight"), (mine + "norm2.weight", layer + "rms_norm2.weight"),
+                  (mine + "attn.proj.weight", layer + "attention.out_proj.weight")]
+        pairs += [(f"{mine}mlp.{ours}.weight", f"{layer}ffn.{theirs}.weight") for ours, theirs in _MLP_NAMES]
+    return pairs
+
+
+def _qkv_keys(depth: int) -> list[tuple[str, list[str]]]:
+    """(our fused qkv key, their q, k, v keys) per block."""
+    return [(f"blocks.{i}.attn.qkv.weight", [f"encoder.layers.{i}.attention.{n}_proj.weight" for n in "qkv"])
+            for i in range(depth)]
+
+
+def state_dict_from_transformers(hf_state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """Our encoder's state dict from an `Aimv2VisionModel` state dict."""
+    ours = {mine: hf_state[theirs] for mine, theirs in _renamed_keys(depth)}
+    ours["pos_embed"] = hf_state[_POS_KEY].unsqueeze(0)  # (N, D) -> (1, N, D)
+    for fused, parts in _qkv_keys(depth):
+        ours[fused] = torch.cat([hf_state[k] for k in parts], dim=0)  # (3D, D)
+    return ours
+
+
+def state_dict_to_transformers(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """An `Aimv2VisionModel` state dict (no pooling head) from our encoder's state dict."""
+    theirs = {their_key: state[mine] for mine, their_key in _renamed_keys(depth)}
+    theirs[_POS_KEY] = state["pos_embed"].squeeze(0)
+    for fused, parts in _qkv_keys(depth):
+        theirs.update(zip(parts, state[fused].chunk(3, dim=0)))
+    return theirs
+
+
+def encoder_from_transformers(hf_vision_model) -> AIMv2Encoder:
+    """A new AIMv2Encoder with the weights of `hf_vision_model`, on its device and in its dtype.
+
+    Built on the meta device and then given copies of the weights, so no memory is spent on an
+    initialization that would be overwritten.
+    """
+    config = config_from_transformers(hf_vision_model.config)
+    hf_state = {k: v.detach() for k, v in hf_vision_model.state_dict().items()}
+    ours = state_dict_from_transformers(hf_state, config.enc_depth)
+    ours = {k: v.clone() for k, v in ours.items()}  # own storage: no aliasing of the source model
+    with torch.device("meta"):
+        encoder = AIMv2Encoder(config)
+    encoder.load_state_dict(ours, strict=True, assign=True)
+    return encoder
+
+
+def encoder_to_transformers_state_dict(encoder: AIMv2Encoder) -> dict[str, Tensor]:
+    """The encoder's weights under `Aimv2VisionModel` keys; tensors share storage with the
+    parameters, as `state_dict()` does (load them into a model built with use_head=False, or with
+    strict=False to keep an existing head)."""
+    return state_dict_to_transformers(encoder.state_dict(), encoder.config.enc_depth)
+
+
+def to_transformers(encoder: AIMv2Encoder):
+    """A transformers `Aimv2VisionModel` (no pooling head) holding a copy of the encoder's weights."""
+    from transformers import Aimv2VisionConfig, Aimv2VisionModel
+
+    param = next(encoder.parameters())
+    model = Aimv2VisionModel(Aimv2VisionConfig(**transformers_config_kwargs(encoder.config)))
+    model.load_state_dict(encoder_to_transformers_state_dict(encoder), strict=True)
+    return model.to(device=param.device, dtype=param.dtype)
