@@ -1,0 +1,79 @@
+"""python -m benchmarks [--suite NAME]... [--quick] [--out DIR] [--list]"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--suite", action="append", default=[],
+                        help="suite(s) to run (repeat or comma-separate); default: all, in order")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: every suite in minutes")
+    parser.add_argument("--out", metavar="DIR", help="write results.md, results.csv and results.png into DIR")
+    parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Before anything imports triton: the smoke run sends the Triton kernels through its interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from . import SUITES
+    from .harness import Context, Result, configure_compile, environment, measure_card
+    from .report import fill_speedups, markdown, write_outputs
+
+    if args.list:
+        for name, module in SUITES.items():
+            print(f"{name:10s} {module.__doc__.strip().splitlines()[0]}")
+        return 0
+    names = [n for item in args.suite for n in item.split(",") if n] or list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"unknown suite(s) {unknown}; choose from {list(SUITES)}", file=sys.stderr)
+        return 2
+    if not cuda:
+        print("No CUDA GPU on this machine: the benchmark suites need one to give meaningful numbers.\n"
+              "Running a CPU smoke run instead: tiny sizes through the reference and Triton-interpreter paths,\n"
+              "to show the harness works. GPU results: benchmarks/RESULTS.md.\n")
+
+    device = torch.device("cuda" if cuda else "cpu")
+    configure_compile()
+    card = measure_card(device, quick=args.quick)
+    ctx = Context(device, args.quick, card)
+    env = environment(device)
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{env['gpu']}: copy {card.copy_gbps:.0f} GB/s, matmul {card.matmul_tflops:.1f} TFLOP/s", flush=True)
+
+    results: list[Result] = []
+    done: list[tuple[str, float, list[str]]] = []
+    text = ""
+    for name in names:
+        module, start = SUITES[name], time.time()
+        print(f"== {name}", flush=True)
+        try:
+            suite_results = module.run(ctx, log=lambda line: print(line, flush=True))
+        except Exception as exc:  # noqa: BLE001 - report the broken suite and go on with the others
+            traceback.print_exc()
+            suite_results = [Result(name, name, "-", "-", 0, "-", False, False,
+                                    note=f"suite failed: {type(exc).__name__}: {str(exc)[:160]}")]
+        results += suite_results
+        fill_speedups(results)
+        done.append((name, time.time() - start, module.targets(suite_results)))
+        text = markdown(env, card, command.strip(), done, results, smoke=not cuda)
+        if args.out:
+            write_outputs(args.out, env, text, results, {n: SUITES[n].X_LABEL for n, _, _ in done})
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
