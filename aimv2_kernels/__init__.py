@@ -13,6 +13,7 @@ from .ops.attention import prefix_causal_attention
 from .ops.loss import AIMv2Loss, aimv2_loss, linear_cross_entropy, patch_mse_loss
 from .ops.norm import rms_norm, rms_norm_residual
 from .ops.swiglu import swiglu, swiglu_packed
+from .integrations import swap_modules  # also binds aimv2_kernels.integrations
 
 __version__ = "0.1.0"
 
