@@ -39,6 +39,17 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     hot: bool = True  # a spill here fails the check
+    # Arguments a real launch sees as multiples of 16 (Triton specializes on this, which enables
+    # 128-bit accesses and changes register use). None: every pointer argument, as torch allocations
+    # are 16-byte aligned; name integer strides/sizes here too when the launcher's real sizes are.
+    divisible_by_16: tuple[str, ...] | None = None
+
+    def attrs(self) -> dict:
+        names = self.divisible_by_16
+        if names is None:
+            names = tuple(n for n, t in self.signature.items() if t.startswith("*"))
+        arg_names = self.kernel.arg_names
+        return {(arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
 @dataclasses.dataclass
@@ -91,7 +102,7 @@ def compile_one(config: KernelConfig, arch: int) -> CompileResult:
 
     result = CompileResult(config.label, arch, hot=config.hot)
     try:
-        source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs)
+        source = ASTSource(fn=config.kernel, signature=config.signature, constexprs=config.constexprs, attrs=config.attrs())
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
