@@ -88,7 +88,7 @@ def _sample_args():
         swiglu.swiglu_packed_op: (torch.randn(3, 6),),
         attention.attention_op: (*torch.randn(3, 2, 2, 5, 16).unbind(0), torch.tensor([2, 0], dtype=torch.int32), True, 0.25),
         loss.patch_mse_op: (torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.rand(2, 3) > 0.5, True, 1e-6),
-        loss.linear_ce_op: (torch.randn(4, 3), torch.randn(6, 3), torch.tensor([1, -100, 5, 0]), torch.randn(6), -100),
+        loss.linear_ce_op: (torch.randn(4, 3), torch.randn(6, 3), torch.tensor([1, -100, 5, 0]), torch.randn(6), -100, True, True),
     }
 
 

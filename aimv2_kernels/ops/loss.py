@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import reference as ref
 from ..backend import register, resolve
 from ..validation import INDEX_DTYPES, check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
+from .linear_ce_chunks import ce_rows_torch, linear_ce_chunked
 
 
 class AIMv2Loss(NamedTuple):
@@ -26,12 +27,12 @@ def _cdt(t: Tensor) -> torch.dtype:
 # ---- "torch" backend -----------------------------------------------------------------------------
 
 @register("patch_mse_fwd", "torch")
-def _patch_mse_fwd_torch(pred, target, mask, norm_pix, eps):
+def patch_mse_forward_torch(pred, target, mask, norm_pix, eps):
     return ref.patch_mse_loss(pred, target, mask, norm_pix, eps)
 
 
 @register("patch_mse_bwd", "torch")
-def _patch_mse_bwd_torch(dloss, pred, target, mask, norm_pix, eps):
+def patch_mse_backward_torch(dloss, pred, target, mask, norm_pix, eps):
     """d loss / d pred = 2 (pred - t) / P * counted / n_counted."""
     cdt = _cdt(pred)
     t = ref.normalize_patches(target, eps) if norm_pix else target.to(cdt)
@@ -45,34 +46,10 @@ def _patch_mse_bwd_torch(dloss, pred, target, mask, norm_pix, eps):
     return dpred.to(pred.dtype).contiguous()
 
 
-@register("linear_ce_fwd", "torch")
-def _linear_ce_fwd_torch(hidden, weight, labels, bias, ignore_index):
-    """Returns (loss, lse (T,)) with hidden flattened to (T, D)."""
-    cdt = _cdt(hidden)
-    logits = hidden.reshape(-1, hidden.shape[-1]).to(cdt) @ weight.to(cdt).t()
-    if bias is not None:
-        logits = logits + bias.to(cdt)
-    return ref.linear_cross_entropy(hidden, weight, labels, bias, ignore_index), torch.logsumexp(logits, dim=-1)
-
-
-@register("linear_ce_bwd", "torch")
-def _linear_ce_bwd_torch(dloss, hidden, weight, labels, bias, lse, ignore_index):
-    """dlogits = (softmax - onehot) * counted / n_counted * dloss; then the two matmul gradients."""
-    cdt = _cdt(hidden)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(cdt)  # (T, D)
-    w = weight.to(cdt)  # (V, D)
-    logits = h @ w.t()
-    if bias is not None:
-        logits = logits + bias.to(cdt)
-    flat = labels.reshape(-1)
-    counted = flat != ignore_index
-    probs = torch.exp(logits - lse.to(cdt).unsqueeze(-1))
-    probs[counted, flat[counted]] -= 1.0
-    dlogits = probs * (counted.to(cdt) / counted.sum().clamp_min(1) * dloss.to(cdt)).unsqueeze(-1)
-    dhidden = (dlogits @ w).reshape(hidden.shape).to(hidden.dtype)
-    dweight = (dlogits.t() @ h).to(weight.dtype)
-    dbias = dlogits.sum(0).to(bias.dtype) if bias is not None else hidden.new_empty(0)
-    return dhidden, dweight, dbias
+@register("linear_ce", "torch")
+def linear_ce_torch(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params):
+    """(loss, dhidden, dweight, dbias) for d loss = 1, chunked over tokens (never tokens x vocab)."""
+    return linear_ce_chunked(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params, ce_rows_torch)
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
@@ -111,40 +88,51 @@ def _patch_mse_backward(ctx, dloss):
 patch_mse_op.register_autograd(_patch_mse_backward, setup_context=_setup_patch_mse)
 
 
+def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label is ignore_index or in [0, vocab). Eager only: raises on the CPU, an asynchronous
+    device assert on CUDA (no host sync)."""
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()
+    if labels.device.type == "cuda":
+        torch._assert_async(~bad, "labels must be ignore_index or in [0, vocab)")
+    elif bool(bad):
+        raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}), got values outside")
+
+
 @torch.library.custom_op("aimv2_kernels::linear_cross_entropy", mutates_args=())
-def linear_ce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Returns (mean loss, per-token log-sum-exp (T,)), both float32 (float64 for float64 input)."""
-    return resolve("linear_ce_fwd", hidden.device)[1](hidden, weight, labels, bias, ignore_index)
+def linear_ce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
+                 grad_hidden: bool, grad_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (mean loss, dhidden, dweight, dbias), the gradients for d loss = 1 computed in the same
+    pass (weight and bias when grad_params; empty tensors for those not asked for). Loss in float32
+    (float64 for float64 input); gradients in their parameter's dtype."""
+    _check_label_values(labels, weight.shape[0], ignore_index)
+    return resolve("linear_ce", hidden.device)[1](hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)
 
 
 @linear_ce_op.register_fake
-def _(hidden, weight, labels, bias, ignore_index):
-    tokens = labels.numel()
-    return hidden.new_empty((), dtype=_cdt(hidden)), hidden.new_empty(tokens, dtype=_cdt(hidden))
-
-
-@torch.library.custom_op("aimv2_kernels::linear_cross_entropy_backward", mutates_args=())
-def linear_ce_backward_op(dloss: Tensor, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
-                          lse: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    return resolve("linear_ce_bwd", hidden.device)[1](dloss, hidden, weight, labels, bias, lse, ignore_index)
-
-
-@linear_ce_backward_op.register_fake
-def _(dloss, hidden, weight, labels, bias, lse, ignore_index):
-    dbias = torch.empty_like(bias) if bias is not None else hidden.new_empty(0)
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), dbias
+def _(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params):
+    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_params else weight.new_empty(0)
+    db = torch.empty_like(bias) if grad_params and bias is not None else weight.new_empty(0)
+    return hidden.new_empty((), dtype=_cdt(hidden)), dh, dw, db
 
 
 def _setup_linear_ce(ctx, inputs, output):
-    hidden, weight, labels, bias, ignore_index = inputs
-    ctx.ignore_index = ignore_index
-    ctx.save_for_backward(hidden, weight, labels, bias, output[1])
+    _, _, _, bias, _, grad_hidden, grad_params = inputs
+    ctx.grad_hidden, ctx.grad_params, ctx.has_bias = grad_hidden, grad_params, bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
 
 
-def _linear_ce_backward(ctx, dloss, _dlse):
-    hidden, weight, labels, bias, lse = ctx.saved_tensors
-    dh, dw, db = linear_ce_backward_op(dloss, hidden, weight, labels, bias, lse, ctx.ignore_index)
-    return dh, dw, None, (db if bias is not None else None), None
+def _linear_ce_backward(ctx, dloss, *_):
+    """The gradients were computed in the forward pass for d loss = 1: scale them by d loss. They are
+    constants to autograd, so a second derivative would be silently wrong: refuse it instead."""
+    dh, dw, db = ctx.saved_tensors
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise NotImplementedError("linear_cross_entropy does not support double backward (create_graph=True)")
+    dhidden = dh * dloss if ctx.grad_hidden else None
+    dweight = dw * dloss if ctx.grad_params else None
+    dbias = db * dloss if ctx.grad_params and ctx.has_bias else None
+    return dhidden, dweight, None, dbias, None, None, None
 
 
 linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_setup_linear_ce)
@@ -196,7 +184,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
     hidden (..., D), weight (V, D), labels (...) int. Returns a float32 scalar (0 if all ignored).
     """
     _check_ce_inputs(hidden, weight, labels, bias, ignore_index)
-    return linear_ce_op(hidden, weight, labels, bias, ignore_index)[0]
+    # Gradients come out of the forward pass, so ask only for those autograd will want.
+    grad = torch.is_grad_enabled()
+    grad_hidden = grad and hidden.requires_grad
+    grad_params = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    return linear_ce_op(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)[0]
 
 
 def aimv2_loss(pixel_pred: Tensor, patches: Tensor, patch_mask: Optional[Tensor], text_hidden: Tensor, text_weight: Tensor,

@@ -1,0 +1,312 @@
+"""The fused AIMv2 loss on the "triton" backend against the float64 reference.
+
+On the CPU the real kernels run in Triton's interpreter (fp32, fp16 and, for the patch loss, which
+has no tl.dot, bf16); `gpu`-marked tests cover bf16 and real sizes. Every test asserts that the Triton
+implementations ran, not a fallback.
+"""
+import pytest
+import torch
+
+import aimv2_kernels as ak
+from aimv2_kernels import backend
+from aimv2_kernels import reference as ref
+from aimv2_kernels.ops import linear_ce_chunks, loss
+from tests.helpers import TOLERANCE, assert_close
+
+KERNELS = ("patch_mse_fwd", "patch_mse_bwd", "linear_ce")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls of the triton implementations and of the Triton row launcher, and poisons every
+    float tensor allocated with torch.empty / empty_like (NaN) so unwritten outputs show up."""
+    assert backend.unavailable_reason("triton") is None  # imports the triton_kernels modules
+    from aimv2_kernels.triton_kernels import linear_cross_entropy as lce
+
+    counts = dict.fromkeys(KERNELS + ("ce_rows_triton",), 0)
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in KERNELS:
+        monkeypatch.setitem(backend._REGISTRY[name], "triton", spy(name, backend._REGISTRY[name]["triton"]))
+    monkeypatch.setattr(lce, "ce_rows_triton", spy("ce_rows_triton", lce.ce_rows_triton))
+
+    def poisoned(make):
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+    with ak.use_backend("triton"):
+        yield counts
+
+
+def _grads64(fn, *tensors):
+    """Value and gradients of fn on float64 copies of tensors (None entries pass through)."""
+    copies = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*copies)
+    out.backward()
+    return out.detach(), [c.grad if c is not None else None for c in copies]
+
+
+# ---- patch MSE ---------------------------------------------------------------------------------
+
+def _mask(kind, B, N):
+    if kind == "none":
+        return None
+    if kind == "all_false":
+        return torch.zeros(B, N, dtype=torch.bool)
+    mask = torch.rand(B, N) > 0.4
+    mask[0] = False  # an all-False row
+    mask[-1, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("P", [3, 48, 588])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["random", "none", "all_false"])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_patch_mse_matches_reference(calls, P, dtype, mask_kind, norm_pix):
+    B, N = 3, 7
+    # The caller's shift: pred = pixel_out[:, :-1], target = patches[:, 1:], both strided views.
+    pixel_out = (torch.randn(B, N + 1, P) * 2 + 0.5).to(dtype).requires_grad_()
+    patches = (torch.randn(B, N + 1, P) * 3 - 1).to(dtype)
+    pred, target = pixel_out[:, :-1], patches[:, 1:]
+    mask = _mask(mask_kind, B, N)
+    out = ak.patch_mse_loss(pred, target, mask, norm_pix=norm_pix)
+    out.backward()
+    expected, (dpred,) = _grads64(lambda p: ref.patch_mse_loss(p, target.double(), mask, norm_pix), pred)
+    assert calls["patch_mse_fwd"] == 1 and calls["patch_mse_bwd"] == 1
+    assert out.dtype == torch.float32
+    assert_close(out, expected, TOLERANCE[torch.float32], "loss")
+    assert_close(pixel_out.grad[:, :-1], dpred, TOLERANCE[dtype], "dpred")
+    assert pixel_out.grad[:, -1].abs().max() == 0  # the unused last output gets no gradient
+    if mask_kind == "all_false":
+        assert out.item() == 0.0 and pixel_out.grad.abs().max() == 0
+    elif mask_kind == "random":
+        assert pixel_out.grad[0].abs().max() == 0  # the all-False row
+
+
+def test_patch_mse_strided_last_dim_and_dloss(calls):
+    """A non-unit stride inside the patch, and a d loss other than 1 (alpha * pixel)."""
+    B, N, P = 2, 5, 48
+    pred = torch.randn(B, P, N).transpose(1, 2).requires_grad_()  # strides (P*N, 1, N)
+    target = torch.randn(N, B, P).transpose(0, 1)
+    mask = torch.rand(B, N) > 0.3
+    (0.4 * ak.patch_mse_loss(pred, target, mask)).backward()
+    expected, (dpred,) = _grads64(lambda p: 0.4 * ref.patch_mse_loss(p, target.double(), mask), pred)
+    assert calls["patch_mse_bwd"] == 1
+    assert_close(pred.grad, dpred, TOLERANCE[torch.float32], "dpred")
+
+
+def test_patch_mse_runs_are_bit_identical(calls):
+    pred, target = torch.randn(4, 33, 588), torch.randn(4, 33, 588)
+    mask = torch.rand(4, 33) > 0.5
+    first = ak.patch_mse_loss(pred, target, mask)
+    assert torch.equal(first, ak.patch_mse_loss(pred, target, mask))
+
+
+def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls):
+    from aimv2_kernels.triton_kernels import common, patch_mse
+
+    common._warned.discard("patch_mse_size")
+    P = patch_mse.MAX_PATCH + 1
+    pred, target = torch.randn(1, 2, P), torch.randn(1, 2, P)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        out = ak.patch_mse_loss(pred, target)
+    assert calls["patch_mse_fwd"] == 1
+    assert_close(out, ref.patch_mse_loss(pred.double(), target.double()), TOLERANCE[torch.float32], "loss")
+
+
+# ---- linear cross-entropy ------------------------------------------------------------------------
+
+def _check_linear_ce(calls, tokens, vocab, dtype, with_bias):
+    D = 32
+    hidden = torch.randn(tokens, D).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, D) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[torch.rand(tokens) < 0.25] = -100
+    if tokens > 1:
+        labels[1] = -100
+    out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    out.backward()
+    expected, grads = _grads64(lambda h, w, b: ref.linear_cross_entropy(h, w, labels, b), hidden, weight, bias)
+    assert calls["linear_ce"] == 1 and calls["ce_rows_triton"] >= 1
+    assert out.dtype == torch.float32
+    tol = TOLERANCE[dtype]
+    assert_close(out, expected, TOLERANCE[torch.float32], "loss")
+    assert_close(hidden.grad, grads[0], tol, "dhidden")
+    assert_close(weight.grad, grads[1], tol, "dweight")
+    if bias is not None:
+        assert_close(bias.grad, grads[2], tol, "dbias")
+
+
+@pytest.mark.parametrize("tokens", [1, 37, 300])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_ce_matches_reference(calls, tokens, vocab, dtype):
+    _check_linear_ce(calls, tokens, vocab, dtype, with_bias=vocab != 1000)
+
+
+@pytest.mark.parametrize("vocab", [1000, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_ce_many_token_chunks(calls, monkeypatch, vocab, dtype):
+    """A tiny logits budget: 8 tokens per chunk at vocab 1000, 1 at 4099 (dW summed over 300 chunks)."""
+    monkeypatch.setattr(linear_ce_chunks, "CHUNK_ELEMENTS", 1 << 13)
+    _check_linear_ce(calls, 300, vocab, dtype, with_bias=vocab == 1000)
+    assert calls["ce_rows_triton"] == -(-300 // linear_ce_chunks.chunk_tokens(300, vocab)) > 1
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, ignore_index):
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(11, 16, requires_grad=True)
+    bias = torch.randn(11, requires_grad=True)
+    labels = torch.full((2, 5), ignore_index)
+    out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
+    out.backward()
+    assert calls["ce_rows_triton"] == 1
+    assert out.item() == 0.0
+    for t in (hidden, weight, bias):
+        assert torch.isfinite(t.grad).all() and t.grad.abs().max() == 0
+
+
+def test_linear_ce_batched_hidden_int32_labels_and_dloss(calls):
+    hidden = torch.randn(3, 9, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9), dtype=torch.int32)
+    labels[0, :4] = 7
+    labels[2, 3] = -5
+    out = ak.linear_cross_entropy(hidden, weight, labels, ignore_index=-5)
+    (2.5 * out).backward()
+    expected, grads = _grads64(lambda h, w: 2.5 * ref.linear_cross_entropy(h, w, labels.long(), None, -5), hidden, weight)
+    assert calls["ce_rows_triton"] == 1
+    assert_close(2.5 * out, expected, TOLERANCE[torch.float32], "loss")
+    assert_close(hidden.grad, grads[0], TOLERANCE[torch.float32], "dhidden")
+    assert_close(weight.grad, grads[1], TOLERANCE[torch.float32], "dweight")
+
+
+def test_linear_ce_asks_only_for_needed_gradients(calls):
+    hidden, weight = torch.randn(6, 8), torch.randn(5, 8)
+    labels = torch.tensor([0, 4, -100, 2, 2, 1])
+    expected = ref.linear_cross_entropy(hidden.double(), weight.double(), labels)
+    loss_only, dh, dw, db = loss.linear_ce_op(hidden, weight, labels, None, -100, False, False)
+    assert dh.numel() == dw.numel() == db.numel() == 0
+    assert_close(loss_only, expected, TOLERANCE[torch.float32], "loss")
+    frozen_weight = ak.linear_cross_entropy(hidden.requires_grad_(), weight, labels)
+    frozen_weight.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        assert_close(ak.linear_cross_entropy(hidden, weight, labels), expected, TOLERANCE[torch.float32], "no_grad")
+
+
+def test_linear_ce_float64_uses_the_reference_rows(calls):
+    hidden = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 8, -100, 3, 3, 1, 2])
+    out = ak.linear_cross_entropy(hidden, weight, labels)
+    out.backward()
+    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    assert calls["linear_ce"] == 1 and calls["ce_rows_triton"] == 0
+    assert out.dtype == torch.float64
+    assert_close(out, expected, 1e-12, "loss")
+    assert_close(hidden.grad, grads[0], 1e-12, "dhidden")
+
+
+def test_linear_ce_rejects_out_of_range_labels(calls):
+    with pytest.raises(ValueError, match="labels"):
+        ak.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 5, 1]))
+
+
+def test_linear_ce_refuses_double_backward(calls):
+    hidden, weight = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    out = ak.linear_cross_entropy(hidden, weight, torch.tensor([0, 4, 2]))
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out, hidden, create_graph=True)
+
+
+# ---- the combined loss ---------------------------------------------------------------------------
+
+def test_aimv2_loss_matches_reference_and_compiles(calls):
+    B, N, P, T, D, V = 2, 6, 48, 5, 16, 33
+    pixel_out = torch.randn(B, N + 1, P, requires_grad=True)
+    patches = torch.randn(B, N + 1, P)
+    mask = torch.rand(B, N) > 0.3
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    labels[:, -1] = -100
+
+    def step(po, h, w):
+        out = ak.aimv2_loss(po[:, :-1], patches[:, 1:], mask, h, w, labels)
+        return out.total, out.pixel, out.text
+
+    total, pixel, text = step(pixel_out, hidden, weight)
+    grads = torch.autograd.grad(total, (pixel_out, hidden, weight))
+    exp_pixel = ref.patch_mse_loss(pixel_out.double()[:, :-1], patches.double()[:, 1:], mask)
+    exp_text = ref.linear_cross_entropy(hidden.double(), weight.double(), labels)
+    assert_close(pixel, exp_pixel, TOLERANCE[torch.float32], "pixel")
+    assert_close(text, exp_text, TOLERANCE[torch.float32], "text")
+    assert_close(total, 0.4 * exp_pixel + exp_text, TOLERANCE[torch.float32], "total")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(pixel_out, hidden, weight)
+    compiled_grads = torch.autograd.grad(compiled[0], (pixel_out, hidden, weight))
+    assert calls["patch_mse_fwd"] == 2 and calls["linear_ce"] == 2
+    torch.testing.assert_close(compiled[0], total)
+    for a, b in zip(compiled_grads, grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---- GPU: bf16 and real sizes --------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_patch_mse_bf16_real_size(calls):
+    B, N, P = 16, 256, 588
+    pixel_out = torch.randn(B, N + 1, P, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    patches = torch.randn(B, N + 1, P, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(B, N, device="cuda") > 0.5
+    mask[0] = False
+    out = ak.patch_mse_loss(pixel_out[:, :-1], patches[:, 1:], mask)
+    out.backward()
+    expected, (dpred,) = _grads64(lambda p: ref.patch_mse_loss(p, patches[:, 1:].double(), mask), pixel_out[:, :-1])
+    assert calls["patch_mse_fwd"] == 1 and calls["patch_mse_bwd"] == 1
+    assert_close(out, expected, 1e-5, "loss")
+    assert_close(pixel_out.grad[:, :-1], dpred, TOLERANCE[torch.bfloat16], "dpred")
+    assert torch.equal(out, ak.patch_mse_loss(pixel_out[:, :-1], patches[:, 1:], mask))  # bit-identical rerun
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_linear_ce_real_size(calls, dtype):
+    T, D, V = 10_000, 1024, 32000
+    hidden = (torch.randn(T, D, device="cuda") * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, device="cuda") * 0.05).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (T,), device="cuda")
+    labels[::7] = -100
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = ak.linear_cross_entropy(hidden, weight, labels)
+    out.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert calls["ce_rows_triton"] >= 1
+    # Bounded by one chunk of logits (float32) and dlogits, the float32 dW accumulator, the gradients
+    # themselves and a little slack: no term grows with tokens x vocab.
+    size = hidden.element_size()
+    chunk = linear_ce_chunks.chunk_tokens(T, V) * V * (4 + (size if dtype != torch.float32 else 0))
+    budget = chunk + V * D * (4 + 2 * size) + 3 * T * D * size + 16 * 2**20
+    assert extra <= budget, f"peak extra memory {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
+    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    tol = TOLERANCE[dtype] if dtype != torch.float32 else 3e-4  # fp32 GEMMs may use tf32
+    assert_close(out, expected, tol, "loss")
+    assert_close(hidden.grad, grads[0], tol, "dhidden")
+    assert_close(weight.grad, grads[1], tol, "dweight")
+
