@@ -54,3 +54,27 @@ def test_environment_variable_sets_default_and_is_validated():
 def test_unknown_kernel_is_an_error():
     with pytest.raises(KeyError, match="no_such_kernel"):
         backend.resolve("no_such_kernel", torch.device("cpu"))
+
+
+def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
+    # The backward may run on another thread (CUDA autograd workers) where a `use_backend` block is
+    # not in force; it must still use the backend the forward ran with.
+    import threading
+
+    seen = []
+    real = backend.resolve
+
+    def spy(kernel, device):
+        seen.append((kernel, backend.get_backend()))
+        return real(kernel, device)
+
+    monkeypatch.setattr("aimv2_kernels.ops.swiglu.resolve", spy)
+    ak.set_backend("auto")
+    g, u = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    with ak.use_backend("torch"):
+        out = ak.swiglu(g, u)
+    worker = threading.Thread(target=lambda: out.sum().backward())
+    worker.start()
+    worker.join()
+    assert seen == [("swiglu_fwd", "torch"), ("swiglu_bwd", "torch")]
+    assert g.grad is not None

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
+from .autograd import register_autograd
 from ..validation import INDEX_DTYPES, check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
 from .linear_ce_chunks import ce_rows_torch, linear_ce_chunked
 
@@ -85,7 +86,7 @@ def _patch_mse_backward(ctx, dloss):
     return patch_mse_backward_op(dloss, pred, target, mask, ctx.norm_pix, ctx.eps), None, None, None, None
 
 
-patch_mse_op.register_autograd(_patch_mse_backward, setup_context=_setup_patch_mse)
+register_autograd(patch_mse_op, _patch_mse_backward, _setup_patch_mse)
 
 
 def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -135,7 +136,7 @@ def _linear_ce_backward(ctx, dloss, *_):
     return dhidden, dweight, None, dbias, None, None, None
 
 
-linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_setup_linear_ce)
+register_autograd(linear_ce_op, _linear_ce_backward, _setup_linear_ce)
 
 
 # ---- functional API ------------------------------------------------------------------------------

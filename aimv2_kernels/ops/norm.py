@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
+from .autograd import register_autograd
 from ..validation import check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
 
 # ---- "torch" backend: reference forward, analytic backward ----------------------------------------
@@ -104,8 +105,8 @@ def _norm_residual_backward(ctx, dy, dstream, _drstd):
     return dx, dx, (dw if weight is not None else None), None
 
 
-rms_norm_op.register_autograd(_norm_backward, setup_context=_setup_norm)
-rms_norm_residual_op.register_autograd(_norm_residual_backward, setup_context=_setup_norm_residual)
+register_autograd(rms_norm_op, _norm_backward, _setup_norm)
+register_autograd(rms_norm_residual_op, _norm_residual_backward, _setup_norm_residual)
 
 
 # ---- functional API ------------------------------------------------------------------------------

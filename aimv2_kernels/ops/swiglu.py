@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
+from .autograd import register_autograd
 from ..validation import check_same_device, check_same_dtype, check_shape, check_tensor
 
 
@@ -99,8 +100,8 @@ def _swiglu_packed_backward(ctx, dout):
     return swiglu_packed_backward_op(dout, x)
 
 
-swiglu_op.register_autograd(_swiglu_backward, setup_context=_setup_swiglu)
-swiglu_packed_op.register_autograd(_swiglu_packed_backward, setup_context=_setup_swiglu)
+register_autograd(swiglu_op, _swiglu_backward, _setup_swiglu)
+register_autograd(swiglu_packed_op, _swiglu_packed_backward, _setup_swiglu)
 
 
 # ---- functional API ------------------------------------------------------------------------------
