@@ -1,4 +1,4 @@
-"""Build script: everything is declared in pyproject.toml except the optional CUDA extension.
+"""Build script: everything is declared in pyproject.toml except the CUDA extension and the csrc/ copy.
 
 `aimv2_kernels._C` (the kernels in csrc/) is built only when all of these hold:
   * torch is importable in the build environment (use `pip install --no-build-isolation .`),
@@ -6,18 +6,49 @@
   * AIMV2_KERNELS_SKIP_CUDA_BUILD is not "1".
 Otherwise the install is pure Python and the "cuda" backend builds the same sources with ninja on
 first use. No GPU is needed to build: the arch list is TORCH_CUDA_ARCH_LIST or "8.0;9.0".
+
+Either way the csrc/ sources are copied into the package (aimv2_kernels/csrc/) of a wheel, so that a
+regular, non-editable install can still build them on first use. (MANIFEST.in puts csrc/ into the
+sdist; editable installs read the checkout's csrc/ directly.)
 """
 import glob
+import importlib.util
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+CSRC_PATTERNS = ("*.cu", "*.cuh", "*.cpp", "*.h")
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ to <build>/aimv2_kernels/csrc/ (for the first-use build)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "aimv2_kernels", "csrc")
+        os.makedirs(target, exist_ok=True)
+        for pattern in CSRC_PATTERNS:
+            for path in sorted(glob.glob(os.path.join("csrc", pattern))):
+                shutil.copy2(path, target)
+
+
+def _cuda_ext_module():
+    """aimv2_kernels/cuda_ext.py, loaded by path (importing the package would need its dependencies):
+    it holds the source list and the compiler flags shared with the first-use build."""
+    spec = importlib.util.spec_from_file_location("_aimv2_cuda_ext", os.path.join("aimv2_kernels", "cuda_ext.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extension():
     if os.environ.get("AIMV2_KERNELS_SKIP_CUDA_BUILD") == "1":
         return None, "AIMV2_KERNELS_SKIP_CUDA_BUILD=1"
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
-    if not any(s.endswith(".cu") for s in sources):
+    if not glob.glob(os.path.join("csrc", "*.cu")):
         return None, "csrc/ has no .cu sources"
     try:
         import torch
@@ -27,10 +58,12 @@ def _cuda_extension():
     if torch.version.cuda is None or CUDA_HOME is None:
         return None, "torch is not a CUDA build or no CUDA toolkit was found"
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    cuda_ext = _cuda_ext_module()
     ext = CUDAExtension(
         name="aimv2_kernels._C",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        sources=[os.path.relpath(p) for p in cuda_ext.source_files(cuda_ext.Path("csrc"))],
+        depends=sorted(glob.glob(os.path.join("csrc", "*.cuh")) + glob.glob(os.path.join("csrc", "*.h"))),
+        extra_compile_args={"cxx": list(cuda_ext.CXX_FLAGS), "nvcc": list(cuda_ext.NVCC_FLAGS)},
     )
     return (ext, BuildExtension.with_options(use_ninja=True)), None
 
@@ -38,7 +71,7 @@ def _cuda_extension():
 built, why_not = _cuda_extension()
 if built is None:
     print(f"aimv2-kernels: not building the CUDA extension ({why_not})")
-    setup()
+    setup(cmdclass={"build_py": BuildPyWithSources})
 else:
     ext, build_ext = built
-    setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
+    setup(ext_modules=[ext], cmdclass={"build_py": BuildPyWithSources, "build_ext": build_ext})

@@ -41,7 +41,17 @@ _REGISTRY: dict[str, dict[str, Callable]] = {}
 
 # For "auto" on CUDA tensors: preferred backends per kernel, fastest first. Kernels not listed use
 # _DEFAULT_AUTO_ORDER. Entries are filled in from benchmark measurements (see benchmarks/RESULTS.md).
-AUTO_ORDER: dict[str, tuple[str, ...]] = {}
+#
+# PROVISIONAL: no GPU measurement exists yet. Where both Triton and the CUDA C++ extension implement a
+# kernel, Triton comes first because its kernels are checked numerically on the CPU (interpreter)
+# while the CUDA kernels are only compile-checked until a GPU run; replace each entry with the faster
+# backend measured by `python -m benchmarks`, citing the measurement (card, dtype, size, ms).
+_TRITON_THEN_CUDA = ("triton", "cuda")
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    kernel: _TRITON_THEN_CUDA
+    for kernel in ("rms_norm_fwd", "rms_norm_residual_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd",
+                   "swiglu_packed_fwd", "swiglu_packed_bwd", "patch_mse_fwd", "patch_mse_bwd")
+}
 _DEFAULT_AUTO_ORDER = ("triton", "cuda")
 _EXPLICIT_FALLBACK = {"cuda": ("cuda", "triton", "torch"), "triton": ("triton", "torch"), "torch": ("torch",)}
 
