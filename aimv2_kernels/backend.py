@@ -173,13 +173,14 @@ def resolve(kernel: str, device: torch.device) -> tuple[str, Callable]:
     if chosen == "auto":
         candidates = AUTO_ORDER.get(kernel, _DEFAULT_AUTO_ORDER) + ("torch",)
         for name in candidates:
-            if name in impls and unavailable_reason(name) is None:
+            # Availability first: asking loads the backend, which registers its implementations.
+            if unavailable_reason(name) is None and name in impls:
                 return name, impls[name]
         return "torch", impls["torch"]
     reason = unavailable_reason(chosen)
     if reason is not None:
         raise RuntimeError(f"backend {chosen!r} was selected but cannot run here: {reason}")
     for name in _EXPLICIT_FALLBACK[chosen]:
-        if name in impls and unavailable_reason(name) is None:
+        if unavailable_reason(name) is None and name in impls:
             return name, impls[name]
     return "torch", impls["torch"]

@@ -78,3 +78,15 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
     worker.join()
     assert seen == [("swiglu_fwd", "torch"), ("swiglu_bwd", "torch")]
     assert g.grad is not None
+
+
+def test_auto_loads_backends_before_choosing():
+    # In a fresh process nothing but the reference is registered until a backend is first asked
+    # about; "auto" must ask (and so load) before deciding, not fall through to the reference.
+    code = (
+        "import torch; from aimv2_kernels import backend; "
+        "print(backend.resolve('rms_norm_fwd', torch.device('cuda'))[0])"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", AIMV2_KERNELS_BACKEND="auto")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "triton"
