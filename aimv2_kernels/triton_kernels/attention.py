@@ -1,0 +1,260 @@
+"""Prefix-causal flash attention, the parts shared by the forward and backward kernels.
+
+Key j is visible to query i of sample b iff (not causal) or j <= i or j < P[b]. All three cases reduce
+to one number per sample, the visible prefix P in [0, S]: non-causal is P = S, plain causal P = 0.
+The kernels (attention_fwd.py, attention_bwd.py) never build the S x S mask; they classify tiles:
+
+  query tile [m0, m0 + BLOCK_M), key blocks of BLOCK_N:
+    blocks entirely below max(m0 + 1, P)     visible to every query of the tile: no mask arithmetic
+    further blocks below max(m0 + BLOCK_M, P)  boundary blocks: compute (j <= i) | (j < P)
+    keys from max(m0 + BLOCK_M, P) on        hidden from every query of the tile: never loaded
+  key block [n0, n1) (dK/dV), the same sets seen from the key side:
+    queries below n0 when n0 >= P            see none of the block: skipped
+    queries >= n1 - 1 (all if n1 <= P)       see all of it: no mask arithmetic
+    the query blocks in between              boundary: compute the mask
+
+Work saved for a typical AIMv2 encoder batch (S = 256, P uniform in 1..255; exact counts over all P
+from `tile_work`, asserted in the tests): a dense-mask kernel computes every tile of the S x S score
+matrix and applies the mask to all of them. With 128 x 64 tiles (the first forward candidate) this
+code computes 84% of the tiles and applies the mask to 37%; with 64 x 32 tiles, 76% and 19%. On
+average 66.7% of the query-key pairs are visible, so the remaining excess is the partly visible tiles
+along the diagonal and at the prefix edge. dK/dV visits the same tiles from the key side.
+
+Also here: the launch configurations (one small autotuning set per kernel, head dim and device
+class, the fixed small interpreter config), the compile-check entries, the dtype/head-dim gate with
+its one-time fallback warning, and host helpers (tf32 choice, strides, device).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreter_enabled
+from ..compile_check import KernelConfig
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernels fold it into the softmax scale
+LOG2E_DEVICE = tl.constexpr(LOG2E)  # the same, usable inside kernels
+LN2 = tl.constexpr(0.6931471805599453)  # log2 -> natural log, for the saved lse
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two (tl.arange) and >= 16 (tl.dot)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---- mask classification (device helpers) --------------------------------------------------------
+
+@triton.jit
+def visible_prefix(PREFIX, off_b, S, HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr):
+    """P in [0, S]: keys j < P are visible to every query of sample off_b. Read from device memory, so
+    new prefix values never recompile."""
+    prefix = S
+    if CAUSAL:
+        prefix = 0
+        if HAS_PREFIX:
+            prefix = tl.minimum(tl.load(PREFIX + off_b), S).to(tl.int32)  # values > S: all visible
+    return prefix
+
+
+@triton.jit
+def load_rows(base, stride, rows, offs_d, S, MASKED: tl.constexpr):
+    """(len(rows), D) tile of one head's (S, D) matrix with row stride `stride`. MASKED bounds-checks
+    rows against S (zeros past the end); unmasked loads are for tiles known to lie inside S."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=rows[:, None] < S, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def program_coords(PREFIX, S, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr,
+                   HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr):
+    """Where this program works in the 1-D grid over (batch * head, tile of BLOCK positions): tiles of
+    one head are adjacent (they share K/V or Q/dO in L2); LAST_FIRST starts the last tiles, which see
+    the most keys, first to shorten the tail. Returns (batch * head, batch (int64), head (int64),
+    tile start, the sample's visible prefix)."""
+    num_tiles = tl.cdiv(S, BLOCK)
+    pid = tl.program_id(0)
+    off_bh = pid // num_tiles
+    tile = pid % num_tiles
+    if LAST_FIRST:
+        tile = num_tiles - 1 - tile
+    off_b = off_bh // H
+    prefix = visible_prefix(PREFIX, off_b, S, HAS_PREFIX, CAUSAL)
+    return off_bh, off_b.to(tl.int64), (off_bh % H).to(tl.int64), tile * BLOCK, prefix
+
+
+@triton.jit
+def key_ranges(m0, prefix, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile [m0, m0 + BLOCK_M): key blocks starting below `full_end` are visible to the
+    whole tile (and lie inside S); blocks in [full_end, hi) need the mask; keys >= hi are hidden."""
+    full_end = (tl.minimum(tl.maximum(m0 + 1, prefix), S) // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(tl.minimum(m0 + BLOCK_M, S), prefix)
+    return full_end, hi
+
+
+@triton.jit
+def query_ranges(n0, prefix, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the key block [n0, n0 + BLOCK_N): query blocks starting in [lo, full_start) need the mask,
+    those from full_start on see every key of the block, queries below lo see none of it."""
+    n1 = tl.minimum(n0 + BLOCK_N, S)
+    lo = tl.where(n0 < prefix, 0, n0)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    first_full = tl.where(n1 <= prefix, 0, n1 - 1)  # smallest query that sees every key of the block
+    full_start = tl.maximum(tl.cdiv(first_full, BLOCK_M) * BLOCK_M, lo)
+    return lo, full_start
+
+
+@triton.jit
+def visibility(q_pos, k_pos, prefix):
+    """Query q_pos sees key k_pos, broadcast: (BLOCK_M, 1) x (1, BLOCK_N) gives the score tile's mask,
+    (1, BLOCK_M) x (BLOCK_N, 1) its transpose. Keys >= S are hidden from real queries because
+    prefix <= S and k <= q < S."""
+    return (k_pos <= q_pos) | (k_pos < prefix)
+
+
+def tile_work(S: int, prefix: int, block_m: int, block_n: int) -> tuple[int, int, int]:
+    """(tiles computed, tiles masked, tiles of a dense kernel) for one (sample, head), by the same rule
+    as `key_ranges`; used for the numbers in the module docstring and checked by the tests."""
+    computed = masked = 0
+    prefix = min(prefix, S)
+    for m0 in range(0, S, block_m):
+        full_end = (min(max(m0 + 1, prefix), S) // block_n) * block_n
+        hi = max(min(m0 + block_m, S), prefix)
+        n_full, n_all = full_end // block_n, math.ceil(hi / block_n)
+        computed += n_all
+        masked += n_all - n_full
+    return computed, masked, math.ceil(S / block_m) * math.ceil(S / block_n)
+
+
+# ---- launch configurations -----------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for GPUs with >= 160 KB of shared
+# memory per block (sm_80, sm_90); the autotuner picks one per (head dim, S bucket, dtype). BLOCK_M
+# tiles queries, BLOCK_N keys. Chosen from compile-check sweeps: every entry for D = 64 and 128
+# compiles for sm_80 and sm_90 without spills (larger tiles such as 128 x 128 forward at D = 128, or
+# dK/dV with 4 warps and 128-key tiles, spill on sm_80). dK/dV keeps two (BLOCK_N, D) fp32
+# accumulators plus K and V, so it wants 8 warps; dQ keeps one. A head dim without its own entry uses
+# the next larger one (D = 16 uses D = 32's forward set and the D = 64 backward sets).
+# GPUs with less shared memory get num_stages capped at 2 (a config that still does not fit is
+# dropped by the autotuner).
+_CANDIDATES = {
+    "fwd": {
+        32: [(64, 64, 4, 3), (128, 64, 4, 3)],
+        64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 128, 8, 3), (32, 64, 8, 3), (16, 64, 4, 3)],
+        128: [(32, 64, 8, 3), (64, 64, 8, 3)],
+        256: [(32, 32, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(32, 32, 4, 2), (64, 32, 8, 2)],
+    },
+}
+# The interpreter runs one fixed small config (fast on CPU); tiles are deliberately not square so the
+# tests exercise BLOCK_M != BLOCK_N in both directions, as the GPU configs do.
+_INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+PREPROCESS_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) kernel
+
+
+def candidate_configs(kernel: str, head_dim: int, capability: tuple[int, int] = (9, 0)) -> list[triton.Config]:
+    """The autotuning set of `kernel` ("fwd", "dkdv", "dq") for a head dim on a device capability."""
+    big_smem = capability in ((8, 0), (9, 0), (10, 0))
+    configs = []
+    table = _CANDIDATES[kernel]
+    for block_m, block_n, warps, stages in table[min(d for d in table if d >= head_dim)]:
+        stages = stages if big_smem else min(stages, 2)
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def aligned_args(signature: dict[str, str]) -> tuple[str, ...]:
+    """Arguments a launch at AIMv2 sizes passes as multiples of 16 (Triton specializes on it): every
+    pointer (fresh torch allocations, qkv slices at multiples of D) and every stride (multiples of D)."""
+    return tuple(name for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride_"))
+
+
+def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int, case: str, has_prefix: bool,
+                  config: triton.Config, hot: bool) -> KernelConfig:
+    """A compile-check entry for one of the tiled kernels (bf16, causal) at one autotuning config."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION="tf32")
+    if not has_prefix:
+        constexprs["PREFIX"] = None
+    label = f"{name} D={head_dim} bf16 {case} {bm}x{bn} w{config.num_warps} s{config.num_stages}"
+    return KernelConfig(label, kernel_fn, signature, constexprs, config.num_warps, config.num_stages,
+                        hot=hot, divisible_by_16=aligned_args(signature))
+
+
+# AIMv2 uses: encoder (S=256, per-sample prefix) and decoder (S=334, plain causal), head dim 128; 64 too.
+AIMV2_CASES = (("enc S=256 prefix", True), ("dec S=334 causal", False))
+
+
+def interpreter_config(kernel: str) -> dict:
+    block_m, block_n, warps, stages = _INTERPRETER[kernel]
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def s_bucket(S: int) -> int:
+    """Autotuning key for the sequence length: the next power of two (256 and 334 tune separately)."""
+    return 1 << max(S - 1, 0).bit_length()
+
+
+@functools.cache
+def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int]):
+    """`kernel_fn` wrapped in an autotuner over its candidate set, one per (head dim, device class);
+    the tuner keys on the S bucket and (implicitly) the tensor dtypes."""
+    return triton.autotune(configs=candidate_configs(kernel, head_dim, capability), key=["S_BUCKET"])(kernel_fn)
+
+
+# ---- host helpers --------------------------------------------------------------------------------
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use tf32 dots only when PyTorch allows tf32 matmuls (as torch.matmul does); 16-bit
+    inputs ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the kernels cannot run these inputs (the caller then runs the reference), or None."""
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (kernels cover {', '.join(str(d) for d in KERNEL_DTYPES)})"
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernels cover {KERNEL_HEAD_DIMS})"
+    return None
+
+
+@functools.cache
+def warn_fallback_once(reason: str) -> None:
+    warnings.warn(f"aimv2_kernels: Triton attention does not support {reason}; running the PyTorch reference", RuntimeWarning, stacklevel=3)
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address the last dim with stride 1. Inputs are validated for it; gradients coming
+    from autograd may not be (e.g. an expanded dO from `out.sum().backward()`), so those are copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def device_context(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton uses the current device); nothing to do under the interpreter."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def device_capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def use_interpreter_config(t: torch.Tensor) -> bool:
+    return interpreter_enabled() or not t.is_cuda

@@ -1,0 +1,158 @@
+"""Prefix-causal flash attention, forward: out = softmax(q k^T * scale, masked) v and the row lse.
+
+One program per (query tile, batch * head). The tile's queries stay in registers while key/value
+blocks stream past; the softmax is computed online in fp32 (running max m, running sum l, rescaled
+accumulator), in base 2 with log2(e) folded into the scale. Key blocks are visited in two ranges (see
+attention.py): fully visible blocks without any mask arithmetic or bounds checks, then the few
+boundary blocks with the mask. Hidden blocks are never loaded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import register
+from ..compile_check import KernelConfig
+from ..ops import attention as attention_ops
+from .attention import (
+    AIMV2_CASES,
+    LN2,
+    LOG2E,
+    autotuned,
+    candidate_configs,
+    device_capability,
+    device_context,
+    dot_precision,
+    interpreter_config,
+    kernel_config,
+    key_ranges,
+    load_rows,
+    program_coords,
+    s_bucket,
+    unsupported_reason,
+    use_interpreter_config,
+    visibility,
+    warn_fallback_once,
+)
+
+
+@triton.jit
+def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
+                  prefix, S, qk_scale,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end). MASKED=False only for
+    blocks that lie inside S and are visible to every query of the tile."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n  # (BLOCK_N,) key positions
+        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED)  # (BLOCK_N, D)
+        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            s = tl.where(visibility(offs_m[:, None], cols[None, :], prefix), s, float("-inf"))
+        # Key 0 is visible to every query and lies in the first block visited, so m_new is finite
+        # from the first block on and exp2 never sees (-inf) - (-inf).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["S_BUCKET"])
+def attention_fwd_kernel(
+    Q, K, V,  # (B, H, S, D) inputs, last dim contiguous
+    O,  # (B, H, S, D) output (a view of (B, S, H, D) memory)
+    LSE,  # (B, H, S) fp32 output: natural-log log-sum-exp of each row's visible scores
+    PREFIX,  # (B,) int32/int64 prefix lengths, or None when HAS_PREFIX is False
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    H, S,
+    S_BUCKET,  # autotuning key only
+    qk_scale,  # softmax scale * log2(e)
+    HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    off_bh, off_b64, off_h64, m0, prefix = program_coords(PREFIX, S, H, BLOCK_M, True, HAS_PREFIX, CAUSAL)
+    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+    k_base = K + off_b64 * stride_kb + off_h64 * stride_kh
+    v_base = V + off_b64 * stride_vb + off_h64 * stride_vh
+    o_base = O + off_b64 * stride_ob + off_h64 * stride_oh
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True)  # (BLOCK_M, D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_end, hi = key_ranges(m0, prefix, S, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                                  0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
+                                  full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log for the caller and the backward
+    tl.store(LSE + off_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+
+
+# ---- launcher ------------------------------------------------------------------------------------
+
+def attention_forward(q, k, v, prefix_len, causal: bool, scale: float):
+    """q, k, v (B, H, S, D) -> (out (B, H, S, D) view of (B, S, H, D) memory, lse (B, H, S) fp32)."""
+    B, H, S, D = q.shape
+    out = attention_ops.empty_bshd_output(q)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    has_prefix = causal and prefix_len is not None
+    args = (
+        q, k, v, out, lse, prefix_len if has_prefix else None,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        H, S, s_bucket(S), scale * LOG2E,
+    )
+    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype))
+    with device_context(q):
+        if use_interpreter_config(q):
+            config = interpreter_config("fwd")
+            attention_fwd_kernel[(B * H * triton.cdiv(S, config["BLOCK_M"]),)](*args, **meta, **config)
+        else:
+            kernel = autotuned(attention_fwd_kernel, "fwd", D, device_capability(q))
+            kernel[lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),)](*args, **meta)
+    return out, lse
+
+
+@register("attention_fwd", "triton")
+def _attention_fwd_triton(q, k, v, prefix_len, causal, scale):
+    reason = unsupported_reason(q)
+    if reason is not None:
+        warn_fallback_once(reason)
+        return attention_ops._attention_fwd_torch(q, k, v, prefix_len, causal, scale)
+    return attention_forward(q, k, v, prefix_len, causal, scale)
+
+
+# ---- compile check -------------------------------------------------------------------------------
+
+def _signature(dtype: str, has_prefix: bool) -> dict[str, str]:
+    sig = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "*fp32", "PREFIX": "*i32" if has_prefix else "constexpr"}
+    for t in "qkvo":
+        sig.update({f"stride_{t}b": "i32", f"stride_{t}h": "i32", f"stride_{t}s": "i32"})
+    sig.update({"H": "i32", "S": "i32", "S_BUCKET": "i32", "qk_scale": "fp32"})
+    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION")})
+    return sig
+
+
+def compile_configs() -> list[KernelConfig]:
+    """Every candidate the autotuner may pick on sm_80/sm_90 at AIMv2 sizes (hot), and the first
+    candidate of the other supported head dims (must compile; spills tolerated)."""
+    def entry(d, case, has_prefix, config, hot):
+        return kernel_config("attention_fwd", attention_fwd_kernel, _signature("*bf16", has_prefix), d, case, has_prefix, config, hot)
+
+    configs = [entry(d, case, has_prefix, c, True) for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs("fwd", d)]
+    return configs + [entry(d, "prefix", True, candidate_configs("fwd", d)[0], False) for d in (16, 32, 256)]
