@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
+from .autograd import register_autograd
 from ..validation import (
     INDEX_DTYPES,
     check_head_dim,
@@ -56,7 +57,8 @@ def _attention_bwd_torch(dout, q, k, v, out, lse, prefix_len, causal, scale):
     dscores = probs * (dprobs - delta) * scale
     dq = torch.einsum("bhij,bhjd->bhid", dscores, kf)
     dk = torch.einsum("bhij,bhid->bhjd", dscores, qf)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # Allocated like the inputs (empty_like), the layout the fake kernel declares.
+    return tuple(torch.empty_like(x).copy_(g) for x, g in ((q, dq), (k, dk), (v, dv)))
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def _attention_backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None
 
 
-attention_op.register_autograd(_attention_backward, setup_context=_setup_attention)
+register_autograd(attention_op, _attention_backward, _setup_attention)
 
 
 # ---- functional API ------------------------------------------------------------------------------
