@@ -1,0 +1,346 @@
+"""aimv2-train: AIMv2 pre-training (also `python -m aimv2.train`, and under torchrun).
+
+    aimv2-train                                   # tiny preset, built-in shapes, a few CPU minutes
+    aimv2-train --preset large --data shards/ --batch-size 2048 --grad-accum 8 --out runs/l
+    torchrun --nproc_per_node=8 -m aimv2.train --preset large --data shards/ [--fsdp]
+    aimv2-train --resume --out runs/l             # continue from the newest checkpoint
+
+One optimizer step consumes a global batch (--batch-size) split over processes and accumulation
+micro-batches. Each micro-batch's loss is weighted by its share of the step's counted patches and
+tokens, so the gradient is that of the global batch's token-mean loss whatever the split: one process,
+two processes or accumulation give the same step (tests/test_distributed.py). Prefix lengths come from
+a generator seeded by (seed, step), and augmentation from (seed, epoch, sample), so a resumed run
+repeats an uninterrupted one exactly on CPU.
+
+Output directory: metrics.jsonl, loss.png, checkpoints/step_*.pt (the newest K), config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import aimv2_kernels as ak
+
+from . import checkpoint as ckpt
+from .config import AIMv2Config
+from .data import BUILTIN, BatchKeys, CaptionDataset, SampleOrder, ShapesDataset, load_tokenizer, make_loader, open_source, transform_for
+from .data.loader import micro_batch_size
+from .distributed import DistInfo, all_reduce_sum, any_process, barrier, full_state, gradient_sync, init_distributed, load_full_state, shutdown, wrap_model
+from .metrics import MetricsLog, read_metrics, summarize
+from .model import AIMv2Model
+from .optim import build_optimizer, build_scheduler
+from .train_config import TrainConfig, merge_for_resume, parse_args
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (save, then exit cleanly); a
+    second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the training process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _say(info: DistInfo, *args) -> None:
+    if info.is_main:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def model_config_for(cfg: TrainConfig, tokenizer, source) -> AIMv2Config:
+    """The preset with --model overrides, the tokenizer's vocabulary and pad id, and the caption
+    length (--max-text-len; for built-in data at least the longest built-in caption)."""
+    base = AIMv2Config.preset(cfg.preset, **cfg.model)
+    text_len = cfg.max_text_len or base.max_text_len
+    if cfg.max_text_len is None and isinstance(source, ShapesDataset):
+        text_len = max(text_len, source.max_caption_tokens(tokenizer))
+    return dataclasses.replace(base, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id, max_text_len=text_len)
+
+
+def _prepare_out_dir(cfg: TrainConfig, info: DistInfo, resuming: bool) -> None:
+    out = cfg.out_dir
+    if info.is_main and not resuming and ckpt.list_checkpoints(out):
+        if not cfg.overwrite:
+            raise SystemExit(
+                f"aimv2-train: {out} already holds checkpoints of an earlier run. Pass --resume to continue it, "
+                "--overwrite to delete them and start afresh, or --out DIR to train elsewhere."
+            )
+        shutil.rmtree(ckpt.checkpoint_dir(out))
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+    barrier(info)
+
+
+def _resolve_resume(cfg: TrainConfig) -> str | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "latest":
+        return cfg.resume
+    path = ckpt.latest_checkpoint(cfg.out_dir)
+    if path is None:
+        raise SystemExit(f"aimv2-train: --resume found no checkpoint in {ckpt.checkpoint_dir(cfg.out_dir)}")
+    return path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prefix_lengths(seed: int, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
+    """(global_batch,) int64 in 1..N-1, a pure function of (seed, step), sliced per rank and
+    micro-batch in the same layout as the data (BatchKeys)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    return torch.randint(1, num_patches, (global_batch,), generator=generator)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.info = info
+        resume_path = _resolve_resume(cfg)
+        state = None
+        if resume_path is not None:
+            try:
+                state = ckpt.load_checkpoint(resume_path)
+            except ckpt.CheckpointError as exc:
+                raise SystemExit(f"aimv2-train: {exc}") from exc
+            cfg = merge_for_resume(state["train_config"], cfg)
+        self.cfg = cfg
+        if cfg.backend is not None:
+            ak.set_backend(cfg.backend)
+        _prepare_out_dir(cfg, info, resuming=state is not None)
+        _seed_everything(cfg.seed)  # same model init on every process
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.source = open_source(cfg.data, self._image_size(state), cfg.seed, cfg.builtin_size)
+        self.model_config = AIMv2Config(**state["model_config"]) if state else model_config_for(cfg, self.tokenizer, self.source)
+        self.micro = micro_batch_size(cfg.batch_size, cfg.grad_accum, info.world)
+
+        model = AIMv2Model(self.model_config).to(info.device)
+        self.raw_model = model
+        self.model = wrap_model(model, info, fsdp=cfg.fsdp)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        self.step = 0
+        self.skipped = 0
+        if state is not None:
+            self._restore(state, resume_path)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+
+        dataset = CaptionDataset(self.source, self.tokenizer, self.model_config.max_text_len,
+                                 transform_for(self.source, self.model_config.image_size), cfg.seed)
+        keys = BatchKeys(SampleOrder(len(self.source), cfg.seed), cfg.batch_size, cfg.grad_accum, info.rank, info.world, start_step=self.step)
+        self.loader = make_loader(dataset, keys, cfg.workers, pin_memory=info.device.type == "cuda", worker_init_fn=_ignore_sigint)
+        self.batches = iter(self.loader)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and info.device.type == "cuda" else nullcontext())
+        self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=self.step if state else None) if info.is_main else None
+        if info.is_main:
+            with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump({"train": cfg.to_dict(), "model": dataclasses.asdict(self.model_config)}, f, indent=2)
+
+    def _image_size(self, state) -> int:
+        if state is not None:
+            return state["model_config"]["image_size"]
+        return AIMv2Config.preset(self.cfg.preset, **self.cfg.model).image_size
+
+    def _restore(self, state: dict, path: str) -> None:
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.skipped = int(state.get("metrics", {}).get("skipped", 0))
+        data = state["data"]
+        if data.get("dataset_size") != len(self.source) or data.get("batch_size") != self.cfg.batch_size:
+            _say(self.info, "aimv2-train: warning: the data or batch size differ from the checkpoint's; the sample order will not continue exactly")
+        _say(self.info, f"aimv2-train: resumed from {path} at step {self.step}")
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, info, N = self.cfg, self.info, self.model_config.num_patches
+        micro_batches = [next(self.batches) for _ in range(cfg.grad_accum)]
+        prefix_all = _prefix_lengths(cfg.seed, self.step, cfg.batch_size, N)
+        pixel_total = float((N - prefix_all).sum())  # counted patches in the global batch
+        local = torch.tensor([sum(int((b["tokens"] != self.model_config.pad_id).sum()) for b in micro_batches),
+                              sum(b["skipped"] for b in micro_batches)], dtype=torch.float64, device=info.device)
+        text_total, skipped = all_reduce_sum(local, info).tolist()  # counted caption tokens, skipped samples
+        text_total = max(text_total, 1.0)
+
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # weighted pixel, text losses
+        for m, batch in enumerate(micro_batches):
+            start = (m * info.world + info.rank) * self.micro
+            prefix = prefix_all[start:start + self.micro]
+            images = batch["image"].to(info.device, non_blocking=True)
+            tokens = batch["tokens"].to(info.device, non_blocking=True)
+            if cfg.blank_images:
+                images = torch.zeros_like(images)
+            # this micro-batch's share of the global batch's counted patches and tokens; x world
+            # because the gradient all-reduce averages over processes
+            w_pixel = float((N - prefix).sum()) / pixel_total * info.world
+            w_text = float((tokens != self.model_config.pad_id).sum()) / text_total * info.world
+            with gradient_sync(self.model, sync=m == cfg.grad_accum - 1), self.autocast:
+                loss = self.model(images, tokens, prefix.to(info.device))
+                objective = self.model_config.alpha * loss.pixel * w_pixel + loss.text * w_text
+            objective.backward()
+            sums += torch.stack([loss.pixel.detach() * w_pixel, loss.text.detach() * w_text]).double() / info.world
+        all_reduce_sum(sums, info)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.skipped += int(skipped)
+        pixel, text = sums.tolist()
+        return {"pixel_loss": pixel, "text_loss": text, "loss": self.model_config.alpha * pixel + text,
+                "lr": lr, "grad_norm": float(grad_norm)}
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> str:
+        model_state, optim_state = full_state(self.model, self.optimizer)
+        path = ckpt.checkpoint_path(self.cfg.out_dir, self.step)
+        if self.info.is_main:
+            ckpt.save_checkpoint({
+                "step": self.step,
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.capture_rng_state(),
+                "data": {"samples_seen": self.step * self.cfg.batch_size, "dataset_size": len(self.source),
+                         "batch_size": self.cfg.batch_size, "seed": self.cfg.seed},
+                "train_config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(self.model_config),
+                "metrics": {"skipped": self.skipped},
+            }, path)
+            ckpt.prune_checkpoints(self.cfg.out_dir, self.cfg.keep_checkpoints)
+        barrier(self.info)
+        return path
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, info = self.cfg, self.info
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        _say(info, f"aimv2-train: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), data {self.source.describe()}, "
+                   f"device {info.device}, {info.world} process(es), batch {cfg.batch_size} "
+                   f"({self.micro} per micro-batch x {cfg.grad_accum} accumulation x {info.world}), steps {cfg.steps}, out {cfg.out_dir}")
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not (info.is_main and cfg.progress),
+                   file=sys.stderr, mininterval=0.5)
+        start_time = time.perf_counter()
+        last_saved = self.step if cfg.resume else None
+        stopped_by = None
+        with StopRequest() as stop:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                dt = time.perf_counter() - t0
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
+                record = {"step": self.step, **record, "samples_per_s": cfg.batch_size / dt,
+                          "elapsed_s": time.perf_counter() - start_time, "skipped": self.skipped}
+                if info.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    self.metrics.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", pix=f"{record['pixel_loss']:.3f}", txt=f"{record['text_loss']:.3f}",
+                                    lr=f"{record['lr']:.2e}", img_s=f"{record['samples_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                    self.save()
+                    last_saved = self.step
+                if any_process(stop.signum is not None, info):
+                    stopped_by = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
+                    break
+        bar.close()
+        if last_saved != self.step:
+            path = self.save()
+        else:
+            path = ckpt.checkpoint_path(cfg.out_dir, self.step)
+        summary = {"step": self.step, "checkpoint": path, "out_dir": cfg.out_dir, "stopped_by": stopped_by, "skipped": self.skipped}
+        if info.is_main:
+            self.metrics.close()
+            if stopped_by:
+                _say(info, f"aimv2-train: stopped by {stopped_by} at step {self.step}; checkpoint {path}; "
+                           f"continue with: aimv2-train --resume --out {cfg.out_dir}")
+            else:
+                summary.update(self._report())
+        return summary
+
+    def _report(self) -> dict:
+        """Print first-vs-last losses and draw loss.png."""
+        from .plot import plot_runs
+
+        records = read_metrics(os.path.join(self.cfg.out_dir, "metrics.jsonl"))
+        out = {}
+        lines = []
+        for key in ("loss", "pixel_loss", "text_loss"):
+            pair = summarize(records, key)
+            if pair:
+                first, last = pair
+                out[key] = {"first": first, "last": last}
+                lines.append(f"{key} {first:.4f} -> {last:.4f} ({(last - first) / first * 100:+.1f}%)")
+        plot = plot_runs([self.cfg.out_dir])
+        if self.skipped:
+            lines.append(f"{self.skipped} unreadable sample(s) skipped")
+        _say(self.info, "aimv2-train: done. " + "; ".join(lines) + " (means of the first and last 10 logged steps)")
+        _say(self.info, f"aimv2-train: wrote {os.path.join(self.cfg.out_dir, 'metrics.jsonl')}, {plot}, {ckpt.checkpoint_dir(self.cfg.out_dir)}")
+        out["loss_png"] = plot
+        return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns a summary (final step, checkpoint, losses)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    info = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        shutdown(info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
