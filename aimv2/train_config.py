@@ -36,10 +36,10 @@ class TrainConfig:
     workers: int | None = _opt(None, "data loader worker processes per training process, 0 loads in the training process (default: half the CPU cores shared among the local processes, 1 to 8)")
     blank_images: bool = _opt(False, "replace every image by the blank (mean) image: the control run that shows captions are learned from pixels")
     # ---- optimization ----
-    steps: int = _opt(600, "optimizer steps")
-    batch_size: int = _opt(32, "global batch per optimizer step (over all processes and accumulation)")
+    steps: int = _opt(700, "optimizer steps")
+    batch_size: int = _opt(64, "global batch per optimizer step (over all processes and accumulation)")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
-    lr: float = _opt(2e-3, "peak learning rate")
+    lr: float = _opt(3e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.0, "final learning rate as a fraction of the peak")
     warmup_steps: int | None = _opt(None, "linear warm-up steps (default: 5%% of --steps)")
     weight_decay: float = _opt(0.05, "AdamW decoupled weight decay on linear and conv weights")
@@ -57,7 +57,7 @@ class TrainConfig:
     # ---- output ----
     out: str | None = _opt(None, "output directory (default: runs/aimv2-<preset>, with -blank for --blank-images)")
     overwrite: bool = _opt(False, "start afresh in an output directory that already holds checkpoints (deletes them)")
-    resume: str | None = _opt(None, "resume from a checkpoint file, or with no value from the latest one in --out", nargs="?", const="latest")
+    resume: str | None = _opt(None, "resume from a checkpoint file, or with no value from the latest one in --out", nargs="?", const="latest", metavar="PATH")
     ckpt_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _opt(3, "keep only the newest K checkpoints (0 keeps all)")
     log_every: int = _opt(1, "write metrics every N steps")
@@ -139,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{meta['help']} (default: {default!r})" if name != "model" else meta["help"]
+        help_text = meta["help"] if default in (None, {}) else f"{meta['help']} (default: {default!r})"
         if name == "model":
             parser.add_argument(flag, dest=name, action="append", type=_model_override, metavar="KEY=VALUE", help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif "nargs" in meta:
-            kw = {k: meta[k] for k in ("nargs", "const", "type") if k in meta}
+            kw = {k: meta[k] for k in ("nargs", "const", "type", "metavar") if k in meta}
             parser.add_argument(flag, dest=name, help=help_text, **kw)
         else:
             annotation = str(f.type)

@@ -112,6 +112,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert path and ckpt.load_checkpoint(path)["step"] == last
 
 
+def test_training_on_tar_shards_counts_the_corrupt_sample(tmp_path):
+    from test_data_sources import _png, _write_shard
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = [(f"{i:04d}", {"png": _png(i), "txt": f"photo number {i}".encode()}) for i in range(7)]
+    samples.insert(3, ("0999", {"jpg": b"garbage", "txt": b"unreadable"}))
+    _write_shard(shards / "000.tar", samples)
+    summary = train(small_config(tmp_path / "run", data=str(shards), steps=2, batch_size=8, max_text_len=None))
+    records = read_metrics(os.path.join(summary["out_dir"], "metrics.jsonl"))
+    # 8 samples per step = one epoch per step: the corrupt one is met (and replaced) once per step
+    assert [r["skipped"] for r in records] == [1, 2] and summary["skipped"] == 2
+    assert json.load(open(tmp_path / "run" / "config.json"))["model"]["max_text_len"] == 24  # the preset's T
+
+
 def test_metrics_records_have_the_documented_fields(tmp_path):
     train(small_config(tmp_path, steps=1))
     record = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))[0]
