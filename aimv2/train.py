@@ -35,8 +35,7 @@ import aimv2_kernels as ak
 
 from . import checkpoint as ckpt
 from .config import AIMv2Config
-from .data import BUILTIN, BatchKeys, CaptionDataset, SampleOrder, ShapesDataset, load_tokenizer, make_loader, open_source, transform_for
-from .data.loader import micro_batch_size
+from .data import BatchKeys, CaptionDataset, SampleOrder, ShapesDataset, load_tokenizer, make_loader, micro_batch_size, open_source, transform_for
 from .distributed import DistInfo, all_reduce_sum, any_process, barrier, full_state, gradient_sync, init_distributed, load_full_state, shutdown, wrap_model
 from .metrics import MetricsLog, read_metrics, summarize
 from .model import AIMv2Model
@@ -203,18 +202,19 @@ class Trainer:
         for m, batch in enumerate(micro_batches):
             start = (m * info.world + info.rank) * self.micro
             prefix = prefix_all[start:start + self.micro]
+            # this micro-batch's share of the global batch's counted patches and tokens (from host
+            # tensors: no device sync); x world because the gradient all-reduce averages over processes
+            w_pixel = float((N - prefix).sum()) / pixel_total * info.world
+            w_text = float((batch["tokens"] != self.model_config.pad_id).sum()) / text_total * info.world
             images = batch["image"].to(info.device, non_blocking=True)
             tokens = batch["tokens"].to(info.device, non_blocking=True)
             if cfg.blank_images:
                 images = torch.zeros_like(images)
-            # this micro-batch's share of the global batch's counted patches and tokens; x world
-            # because the gradient all-reduce averages over processes
-            w_pixel = float((N - prefix).sum()) / pixel_total * info.world
-            w_text = float((tokens != self.model_config.pad_id).sum()) / text_total * info.world
-            with gradient_sync(self.model, sync=m == cfg.grad_accum - 1), self.autocast:
-                loss = self.model(images, tokens, prefix.to(info.device))
-                objective = self.model_config.alpha * loss.pixel * w_pixel + loss.text * w_text
-            objective.backward()
+            with gradient_sync(self.model, sync=m == cfg.grad_accum - 1):  # forward and backward
+                with self.autocast:
+                    loss = self.model(images, tokens, prefix.to(info.device))
+                    objective = self.model_config.alpha * loss.pixel * w_pixel + loss.text * w_text
+                objective.backward()
             sums += torch.stack([loss.pixel.detach() * w_pixel, loss.text.detach() * w_text]).double() / info.world
         all_reduce_sum(sums, info)
 

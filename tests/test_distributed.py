@@ -1,5 +1,5 @@
 """Two processes under torchrun (gloo on CPU) take the same steps as one process with the same
-global batch: DDP, DDP with accumulation, and FSDP2; and their checkpoints load on one process."""
+global batch: DDP, and DDP and FSDP2 with accumulation; and their checkpoints load on one process."""
 import os
 import socket
 import subprocess
@@ -47,7 +47,7 @@ def _assert_same_steps(got: list[dict], expected: list[dict]) -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
 
 
-@pytest.mark.parametrize("extra", [(), ("--grad-accum", "2"), ("--fsdp",)], ids=["ddp", "ddp-accum", "fsdp"])
+@pytest.mark.parametrize("extra", [(), ("--grad-accum", "2"), ("--fsdp", "--grad-accum", "2")], ids=["ddp", "ddp-accum", "fsdp-accum"])
 def test_two_processes_match_one(tmp_path, single, extra):
     _assert_same_steps(_torchrun(tmp_path, *extra), single)
     # the checkpoint holds the full, unsharded state under plain parameter names

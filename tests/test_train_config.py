@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from aimv2 import AIMv2Config, AIMv2Model
 from aimv2.metrics import MetricsLog, read_metrics
