@@ -26,7 +26,6 @@ its one-time fallback warning, and host helpers (tf32 choice, strides, device).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -245,11 +244,6 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels address the last dim with stride 1. Inputs are validated for it; gradients coming
     from autograd may not be (e.g. an expanded dO from `out.sum().backward()`), so those are copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def device_context(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton uses the current device); nothing to do under the interpreter."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def device_capability(t: torch.Tensor) -> tuple[int, int]:

@@ -29,7 +29,6 @@ from .attention import (
     autotuned,
     candidate_configs,
     device_capability,
-    device_context,
     dot_precision,
     interpreter_config,
     kernel_config,
@@ -44,6 +43,7 @@ from .attention import (
     visibility,
     warn_fallback_once,
 )
+from .common import device_context
 
 
 @triton.jit

@@ -22,7 +22,6 @@ from .attention import (
     autotuned,
     candidate_configs,
     device_capability,
-    device_context,
     dot_precision,
     interpreter_config,
     kernel_config,
@@ -35,6 +34,7 @@ from .attention import (
     visibility,
     warn_fallback_once,
 )
+from .common import device_context
 
 
 @triton.jit
