@@ -4,7 +4,8 @@ Two ways to get them, the same sources and flags either way:
   * `pip install --no-build-isolation .` next to a CUDA build of torch and a CUDA toolkit builds the
     module `aimv2_kernels._C` (see setup.py);
   * otherwise the first use of the "cuda" backend compiles the sources with ninja into
-    ~/.cache/aimv2_kernels/ (say so once, takes minutes) and later processes load that build.
+    ~/.cache/aimv2_kernels/ (say so once, takes minutes) and later processes load that build;
+    AIMV2_KERNELS_NO_JIT=1 turns this route off (the backend is then unavailable, with that reason).
 Loading registers the ops `torch.ops.aimv2_kernels.cuda_*`; `aimv2_kernels.cuda_backend` then plugs
 them into the backend registry. `load_status()` says why the backend is unavailable when it is.
 
@@ -26,6 +27,9 @@ CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 SOURCE_SUFFIXES = (".cu", ".cpp")
 JIT_NAME = "aimv2_kernels_cuda"
+# Set to 1 where an untimed build of minutes must never start behind an innocent call such as
+# `available_backends()` (time-boxed GPU checks, benchmarks): then only a prebuilt _C loads.
+NO_JIT_ENV = "AIMV2_KERNELS_NO_JIT"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -83,6 +87,8 @@ def _toolkit_nvcc() -> str | None:
 
 def _jit_unavailable_reason() -> str | None:
     """Why a first-use build cannot run here, or None when it can."""
+    if os.environ.get(NO_JIT_ENV, "").strip() == "1":
+        return f"first-use build disabled ({NO_JIT_ENV}=1)"
     if not torch.cuda.is_available():
         return "no CUDA device"
     if torch.version.cuda is None:

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 import traceback
+from typing import Optional
 
 
 def _parse(argv):
@@ -13,7 +14,8 @@ def _parse(argv):
     parser.add_argument("--suite", action="append", default=[],
                         help="suite(s) to run (repeat or comma-separate); default: all, in order")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: every suite in minutes")
-    parser.add_argument("--out", metavar="DIR", help="write results.md, results.csv and results.png into DIR")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write results.md, results.csv, results.json and results.png into DIR")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
     return parser.parse_args(argv)
 
@@ -30,6 +32,7 @@ def main(argv=None) -> int:
     from . import SUITES
     from .harness import Context, Result, configure_compile, environment, measure_card
     from .report import fill_speedups, markdown, write_outputs
+    from .targets import Verdict
 
     if args.list:
         for name, module in SUITES.items():
@@ -49,28 +52,39 @@ def main(argv=None) -> int:
     configure_compile()
     card = measure_card(device, quick=args.quick)
     ctx = Context(device, args.quick, card)
-    env = environment(device)
-    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = ("python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    env = dict(environment(device), command=command)  # the command too: rows of many runs get pooled
     print(f"{env['gpu']}: copy {card.copy_gbps:.0f} GB/s, matmul {card.matmul_tflops:.1f} TFLOP/s", flush=True)
 
     results: list[Result] = []
-    done: list[tuple[str, float, list[str]]] = []
+    done: list[tuple[str, float, list[Verdict]]] = []
+
+    def publish(current: list[Result], name: Optional[str] = None, start: float = 0.0) -> str:
+        """The table and output files of every finished suite plus the current one's results so far."""
+        rows = results + current
+        fill_speedups(rows)
+        suites = done + ([(name, time.time() - start, SUITES[name].targets(current))] if name else [])
+        text = markdown(env, card, command, suites, rows, smoke=not cuda)
+        if args.out:
+            verdicts = [v for _, _, suite_verdicts in suites for v in suite_verdicts]
+            write_outputs(args.out, env, card, text, rows, verdicts, {n: SUITES[n].X_LABEL for n, _, _ in suites},
+                          with_plot=not current)
+        return text
+
     text = ""
     for name in names:
-        module, start = SUITES[name], time.time()
+        module, start, current = SUITES[name], time.time(), []
+        ctx.on_result = lambda r, name=name, start=start, current=current: (current.append(r), publish(current, name, start))
         print(f"== {name}", flush=True)
         try:
             suite_results = module.run(ctx, log=lambda line: print(line, flush=True))
         except Exception as exc:  # noqa: BLE001 - report the broken suite and go on with the others
             traceback.print_exc()
-            suite_results = [Result(name, name, "-", "-", 0, "-", False, False,
-                                    note=f"suite failed: {type(exc).__name__}: {str(exc)[:160]}")]
+            suite_results = current + [Result(name, name, "-", "-", 0, "-", False, False,
+                                              note=f"suite failed: {type(exc).__name__}: {str(exc)[:160]}")]
         results += suite_results
-        fill_speedups(results)
         done.append((name, time.time() - start, module.targets(suite_results)))
-        text = markdown(env, card, command.strip(), done, results, smoke=not cuda)
-        if args.out:
-            write_outputs(args.out, env, text, results, {n: SUITES[n].X_LABEL for n, _, _ in done})
+        text = publish([])
     print("\n" + text)
     return 0
 

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib.metadata
 import itertools
 import math
 import os
@@ -156,12 +157,19 @@ def measure_card(device: torch.device, quick: bool = False) -> Card:
 
 # ---- versions ------------------------------------------------------------------------------------
 
-def _version_of(module_name: str) -> str:
+def _version_of(module_name: str, distribution: Optional[str] = None) -> str:
+    """The version of an importable module; "-" when it does not import. Some peers
+    (cut-cross-entropy) define no __version__, so the installed distribution's metadata answers."""
     try:
         module = __import__(module_name)
     except Exception:  # a peer that does not import is simply absent here
         return "-"
-    return str(getattr(module, "__version__", "?"))
+    if hasattr(module, "__version__"):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(distribution or module_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def _git_commit() -> str:
@@ -190,6 +198,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "backends": ",".join(ak.available_backends()),
         "liger_kernel": _version_of("liger_kernel"),
         "flash_attn": _version_of("flash_attn"),
+        "cut_cross_entropy": _version_of("cut_cross_entropy", "cut-cross-entropy"),
     }
 
 
@@ -236,7 +245,8 @@ class Provider:
 class Case:
     """One size of one op in one mode. make_inputs(requires_grad) builds a fresh input tuple (the
     differentiable tensors require grad only for fwd+bwd); work(provider) is the bytes moved or FLOPs
-    done, so the metric is work / time; unit is "GB/s", "TFLOP/s" or "Mtok/s"."""
+    done, so the metric is work / time; unit is "GB/s", "TFLOP/s" or "Mtok/s". dtype: what the inputs
+    are made in (bf16 on a GPU, fp32 on the CPU smoke run), recorded with every result."""
 
     suite: str
     op: str
@@ -247,6 +257,7 @@ class Case:
     work: Callable[[Provider], float]
     unit: str
     roof: Optional[str] = None  # "copy" or "matmul": which measured rate the metric is a fraction of
+    dtype: Optional[torch.dtype] = None
 
 
 @dataclass
@@ -262,6 +273,7 @@ class Result:
     ms: Optional[float] = None
     metric: Optional[float] = None
     unit: str = ""
+    dtype: str = ""  # "bfloat16", "float32", ...: what the case's inputs were made in
     roof_frac: Optional[float] = None  # metric / the card's measured copy or matmul rate
     peak_mib: Optional[float] = None
     speedup: Optional[float] = None  # ours: best comparable alternative's ms / ours (filled by report)
@@ -279,6 +291,8 @@ class Context:
     device: torch.device
     quick: bool
     card: Card
+    # Called with every result the moment it is measured, so a run killed mid-suite keeps it.
+    on_result: Callable[[object], None] = lambda result: None
 
     @property
     def smoke(self) -> bool:
@@ -304,8 +318,13 @@ def rowwise_cases(ctx: Context, suite: str, op: str, sizes: tuple[int, Sequence[
 
         for mode, arrays in arrays_moved.items():
             nbytes = arrays * rows * hidden * elem
-            out.append(Case(suite, op, mode, f"{rows}x{hidden}", hidden, inputs, lambda _p, n=nbytes: n, "GB/s", "copy"))
+            out.append(Case(suite, op, mode, f"{rows}x{hidden}", hidden, inputs, lambda _p, n=nbytes: n, "GB/s", "copy",
+                            dtype=dtype))
     return out
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
 
 
 def _tensors(inputs: tuple) -> list[torch.Tensor]:
@@ -347,7 +366,7 @@ def prepare(case: Case, provider: Provider, device: torch.device) -> tuple[Calla
 def run_case(ctx: Context, case: Case, provider: Provider) -> Result:
     """Time one provider on one case; a failure (out of memory, compile error) becomes a note."""
     result = Result(case.suite, case.op, case.mode, case.size, case.x, provider.name, provider.ours,
-                    provider.comparable, unit=case.unit, note=provider.note)
+                    provider.comparable, unit=case.unit, dtype=dtype_name(case.dtype), note=provider.note)
     if provider.skip:
         result.note = provider.skip
         return result
@@ -380,4 +399,5 @@ def run_cases(ctx: Context, cases: Sequence[Case], providers: Sequence[Provider]
             shown = f"{r.ms:.3f} ms" if r.ms else r.note
             log(f"  {case.op} {case.mode} {case.size} {provider.name}: {shown}")
             results.append(r)
+            ctx.on_result(r)
     return results

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from . import providers as P
 from .harness import FWD, FWD_BWD, Case, Context, Provider, Result, rowwise_cases, run_cases
-from .targets import bandwidth_targets
+from .targets import Verdict, bandwidth_targets
 
 NAME = "norm"
 X_LABEL = "hidden size"
@@ -56,5 +56,5 @@ def run(ctx: Context, log=print) -> list[Result]:
     return run_cases(ctx, cases(ctx), providers(ctx), log)
 
 
-def targets(results: list[Result]) -> list[str]:
+def targets(results: list[Result]) -> list[Verdict]:
     return bandwidth_targets(results, NAME, "rms_norm", "RMSNorm")

@@ -1,8 +1,8 @@
 """Provider builders shared by the op suites: ours per backend, eager, torch.compile, peers.
 
-A peer library that does not import (liger-kernel, flash-attn) or a backend that cannot run here
-becomes a provider with a `skip` reason, so it shows up in the table as "skipped: why" instead of
-disappearing silently.
+A peer library that does not import (liger-kernel, cut-cross-entropy, flash-attn) or a backend that
+cannot run here becomes a provider with a `skip` reason, so it shows up in the table as "skipped: why"
+instead of disappearing silently.
 """
 from __future__ import annotations
 
@@ -75,14 +75,32 @@ def needs_cuda(ctx: Context, name: str) -> Optional[str]:
     return f"skipped: {name} needs a CUDA GPU" if ctx.smoke else None
 
 
-def liger(ctx: Context, pick: Callable[[object], Callable[..., torch.Tensor]], name: str = "liger") -> Provider:
-    """A Liger-Kernel function: pick(liger_kernel.transformers.functional) -> fn(*inputs)."""
-    skip = needs_cuda(ctx, "Liger-Kernel")
-    fn = None
+def peer(ctx: Context, name: str, library: str, load: Callable[[], Callable[..., torch.Tensor]], *,
+         gpu_name: Optional[str] = None, **kw) -> Provider:
+    """A peer library's function as a provider. load() imports the library and returns fn(*inputs);
+    it runs only on a GPU (every peer is a CUDA or Triton GPU kernel), and any exception it raises
+    becomes the skip reason "<library> does not import (...)", so a missing or broken wheel shows up
+    in the table instead of ending the run. gpu_name: how the CPU smoke run's skip names the peer."""
+    skip, fn = needs_cuda(ctx, gpu_name or library), None
     if skip is None:
         try:
-            from liger_kernel.transformers import functional
-            fn = pick(functional)
+            fn = load()
         except Exception as exc:  # noqa: BLE001 - any import problem means: not available here
-            skip = f"skipped: liger-kernel does not import ({type(exc).__name__}: {str(exc)[:80]})"
-    return Provider(name, call_with(fn) if fn else call_with(lambda *a: None), skip=skip)
+            skip = f"skipped: {library} does not import ({type(exc).__name__}: {str(exc)[:80]})"
+    return Provider(name, call_with(fn) if fn else call_with(lambda *a: None), skip=skip, **kw)
+
+
+def liger(ctx: Context, pick: Callable[[object], Callable[..., torch.Tensor]], name: str = "liger") -> Provider:
+    """A Liger-Kernel function: pick(liger_kernel.transformers.functional) -> fn(*inputs)."""
+    def load():
+        from liger_kernel.transformers import functional
+        return pick(functional)
+    return peer(ctx, name, "liger-kernel", load, gpu_name="Liger-Kernel")
+
+
+def cut_cross_entropy(ctx: Context, pick: Callable[[Callable], Callable[..., torch.Tensor]], name: str) -> Provider:
+    """Apple's Cut Cross-Entropy: pick(cut_cross_entropy.linear_cross_entropy) -> fn(*inputs)."""
+    def load():
+        from cut_cross_entropy import linear_cross_entropy
+        return pick(linear_cross_entropy)
+    return peer(ctx, name, "cut-cross-entropy", load)

@@ -13,13 +13,15 @@ import torch
 
 from .attention import visible_pairs
 from .harness import Context, Result, free_memory, time_loop_ms
-from .targets import speedup_vs
+from .targets import Verdict, speedup_vs
 
 NAME = "step"
 X_LABEL = "batch size"
 PRESET, SMOKE_PRESET = "large", "tiny"
 BATCHES, BATCHES_QUICK, SMOKE_BATCHES = (512, 384, 256, 192, 128, 96, 64, 32, 16), (256, 128, 64), (4,)
-MODELS = ("ours", "reference", "reference+compile")
+# Eager models first: a run cut short by its time limit loses the compiled ones (slow to build) only.
+MODELS = ("ours", "reference", "ours+compile", "reference+compile")
+STEP_DTYPE = {False: "bfloat16 autocast", True: "float32"}  # by ctx.smoke: autocast runs only on CUDA
 # Dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU; other cards report MFU against
 # the matmul rate measured in this run.
 DATASHEET_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -77,14 +79,18 @@ def _batch(c, size: int, device: torch.device):
     return images, tokens.to(device), prefix.to(device)
 
 
+def _is_ours(kind: str) -> bool:
+    return kind.startswith("ours")
+
+
 def _build(kind: str, c, device: torch.device):
     """The model, what a step calls (the model or its compiled wrapper), and its optimizer."""
     from aimv2 import AIMv2Model
     from aimv2.reference_model import ReferenceAIMv2Model
 
     with device:  # build on the device: initializing ~0.5B parameters on the CPU takes long
-        model = (AIMv2Model if kind == "ours" else ReferenceAIMv2Model)(c).train()
-    forward = torch.compile(model) if kind == "reference+compile" else model
+        model = (AIMv2Model if _is_ours(kind) else ReferenceAIMv2Model)(c).train()
+    forward = torch.compile(model) if kind.endswith("+compile") else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     return model, forward, opt
 
@@ -122,7 +128,7 @@ def run(ctx: Context, log=print) -> list[Result]:
     try:
         from aimv2 import AIMv2Config
     except ImportError as exc:
-        return [Result(NAME, "train_step", "fwd+bwd+adamw", "-", 0, kind, kind == "ours", True,
+        return [Result(NAME, "train_step", "fwd+bwd+adamw", "-", 0, kind, _is_ours(kind), True,
                        note=f"skipped: the aimv2 package does not import ({exc})") for kind in MODELS]
     c = AIMv2Config.preset(SMOKE_PRESET if ctx.smoke else PRESET)
     candidates = SMOKE_BATCHES if ctx.smoke else (BATCHES_QUICK if ctx.quick else BATCHES)
@@ -130,15 +136,16 @@ def run(ctx: Context, log=print) -> list[Result]:
     results = []
     for kind in MODELS:
         r = Result(NAME, "train_step", "fwd+bwd+adamw", f"{PRESET if not ctx.smoke else SMOKE_PRESET} B{size}",
-                   size or 0, kind, kind == "ours", True, unit="img/s")
+                   size or 0, kind, _is_ours(kind), True, unit="img/s", dtype=STEP_DTYPE[ctx.smoke])
         if size is None:
             r.note = f"no batch in {candidates} fits"
-        elif kind == "reference+compile" and ctx.smoke:
+        elif kind.endswith("+compile") and ctx.smoke:
             r.note = "skipped: torch.compile is not built in the CPU smoke run"
         else:
             _measure(ctx, c, kind, size, r)
         log(f"  train_step {r.size} {kind}: {f'{r.ms:.1f} ms' if r.ms else r.note}")
         results.append(r)
+        ctx.on_result(r)
     return results
 
 
@@ -167,7 +174,7 @@ def _measure(ctx: Context, c, kind: str, size: int, r: Result) -> None:
     r.extra = {"model TFLOP/s": f"{achieved:.3g}", "MFU": f"{100 * achieved / peak:.1f}%" if peak else "-"}
 
 
-def targets(results: list[Result]) -> list[str]:
+def targets(results: list[Result]) -> list[Verdict]:
     mode = "fwd+bwd+adamw"
     return [
         speedup_vs(results, NAME, "train_step", mode, "reference", 1.3, "AIMv2-L step vs eager reference"),

@@ -80,6 +80,23 @@ def test_failed_first_use_build_reports_the_error_and_announces_once(fresh_statu
     assert call["extra_cuda_cflags"] == cuda_ext.NVCC_FLAGS and not call["is_python_module"]
 
 
+def test_no_jit_env_never_starts_a_first_use_build(fresh_status, monkeypatch, tmp_path):
+    """AIMV2_KERNELS_NO_JIT=1 (time-boxed GPU checks): a machine that could build says why it does not,
+    and asking which backends exist starts no compile."""
+    from torch.utils import cpp_extension
+
+    _fake_gpu_machine(monkeypatch, tmp_path, nvcc="/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("a first-use build started"))
+    monkeypatch.setenv("AIMV2_KERNELS_NO_JIT", "1")
+    assert cuda_ext._jit_unavailable_reason() == "first-use build disabled (AIMV2_KERNELS_NO_JIT=1)"
+    assert "cuda" not in ak.available_backends()
+    reason = ak.unavailable_reason("cuda")
+    assert "aimv2_kernels._C" in reason and reason.endswith("first-use build disabled (AIMV2_KERNELS_NO_JIT=1)")
+    for value in ("0", ""):
+        monkeypatch.setenv("AIMV2_KERNELS_NO_JIT", value)
+        assert "disabled" not in (cuda_ext._jit_unavailable_reason() or "")
+
+
 def test_sources_are_found_from_the_checkout():
     assert cuda_ext.source_dir() == REPO_CSRC
     names = {Path(s).name for s in cuda_ext.source_files(REPO_CSRC)}

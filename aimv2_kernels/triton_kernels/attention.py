@@ -21,14 +21,18 @@ average 66.7% of the query-key pairs are visible, so the remaining excess is the
 along the diagonal and at the prefix edge. dK/dV visits the same tiles from the key side.
 
 Also here: the launch configurations (one small autotuning set per kernel, head dim and device
-class, the fixed small interpreter config), the compile-check entries, the dtype/head-dim gate with
+class, the fixed small interpreter config, the AIMV2_KERNELS_AUTOTUNE switch, `forced_config` for
+tests, and `launch`, which picks among them), the compile-check entries, the dtype/head-dim gate with
 its one-time fallback warning, and host helpers (tf32 choice, strides, device).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import warnings
+from typing import Callable, Iterator
 
 import torch
 import triton
@@ -134,7 +138,9 @@ def tile_work(S: int, prefix: int, block_m: int, block_n: int) -> tuple[int, int
 # ---- launch configurations -----------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for GPUs with >= 160 KB of shared
-# memory per block (sm_80, sm_90); the autotuner picks one per (head dim, S bucket, dtype). BLOCK_M
+# memory per block (sm_80, sm_90); the autotuner picks one per (head dim, S bucket, mask mode, dot
+# precision, dtype), see AUTOTUNE_KEY. The first entry is what AIMV2_KERNELS_AUTOTUNE=0 runs, so it
+# must launch in every dtype (tests/test_attention_candidates.py checks bf16 and fp32). BLOCK_M
 # tiles queries, BLOCK_N keys. Chosen from compile-check sweeps: every entry for D = 64 and 128
 # compiles for sm_80 and sm_90 without spills (larger tiles such as 128 x 128 forward at D = 128, or
 # dK/dV with 4 warps and 128-key tiles, spill on sm_80). dK/dV keeps two (BLOCK_N, D) fp32
@@ -209,11 +215,79 @@ def s_bucket(S: int) -> int:
     return 1 << max(S - 1, 0).bit_length()
 
 
-@functools.cache
+AUTOTUNE_ENV = "AIMV2_KERNELS_AUTOTUNE"
+# What one tuning result is reused for: the S bucket and every constexpr that changes the kernel's
+# work per tile (mask mode, dot precision); without them a config tuned on the causal decoder would
+# be reused for the prefix encoder. The autotuner reads its key from keyword arguments as well as
+# positional ones (triton 3.6 to 3.9 alike), so the launchers pass these as keywords; it appends the
+# tensor dtypes itself. The head dim and device class pick the autotuner instance (`autotuned`).
+AUTOTUNE_KEY = ["S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION"]
+
+
+def autotune_enabled() -> bool:
+    """False when AIMV2_KERNELS_AUTOTUNE=0: every kernel runs the first config of its candidate set and
+    nothing is benchmarked (no tuning time, the same launch every run: sanitizers, short GPU checks).
+    Read at each launch, so a test or a script can switch it without re-importing."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
+
+
 def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int]):
-    """`kernel_fn` wrapped in an autotuner over its candidate set, one per (head dim, device class);
-    the tuner keys on the S bucket and (implicitly) the tensor dtypes."""
-    return triton.autotune(configs=candidate_configs(kernel, head_dim, capability), key=["S_BUCKET"])(kernel_fn)
+    """`kernel_fn` wrapped in an autotuner over its candidate set, one per (head dim, device class) and
+    tuning switch; with AIMV2_KERNELS_AUTOTUNE=0 the set is only the first candidate, which
+    triton.autotune launches without benchmarking."""
+    return _autotuner(kernel_fn, kernel, head_dim, capability, autotune_enabled())
+
+
+@functools.cache
+def _autotuner(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], tune: bool):
+    configs = candidate_configs(kernel, head_dim, capability)
+    return triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY)(kernel_fn)
+
+
+# kernel name -> the config every launch of it must use; set only by `forced_config` (tests, one
+# thread), so the launchers stay free of test parameters.
+_forced: dict[str, triton.Config] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: triton.Config) -> Iterator[None]:
+    """Inside the block every launch of `kernel` ("fwd", "dkdv", "dq") uses exactly `config`, launched
+    directly: no autotuner, and on the CPU instead of the interpreter config. This is how the tests
+    run each candidate on its own, which autotuning alone never does (it runs only the fastest)."""
+    if kernel not in _CANDIDATES:
+        raise ValueError(f"kernel must be one of {tuple(_CANDIDATES)}, got {kernel!r}")
+    previous = _forced.get(kernel)
+    _forced[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            del _forced[kernel]
+        else:
+            _forced[kernel] = previous
+
+
+def fixed_config(kernel: str, t: torch.Tensor) -> dict | None:
+    """The launch parameters when `kernel` runs without the autotuner (a forced config, else the
+    interpreter's), as kernel keywords; None when the autotuner picks."""
+    forced = _forced.get(kernel)
+    if forced is not None:
+        return {**forced.kwargs, "num_warps": forced.num_warps, "num_stages": forced.num_stages}
+    if use_interpreter_config(t):
+        return interpreter_config(kernel)
+    return None
+
+
+def launch(kernel_fn, kernel: str, grid: Callable[[dict], tuple[int, ...]], t: torch.Tensor,
+           args: tuple, meta: dict) -> None:
+    """Launch `kernel_fn` for tensors like `t`: a fixed config directly, else through the autotuner.
+    `grid` maps the config's keywords (BLOCK_M, BLOCK_N) to the grid, for both routes; `meta` holds
+    the constexprs, HEAD_DIM included, passed as keywords so the autotuner keys on them."""
+    config = fixed_config(kernel, t)
+    if config is not None:
+        kernel_fn[grid(config)](*args, **meta, **config)
+    else:
+        autotuned(kernel_fn, kernel, meta["HEAD_DIM"], device_capability(t))[grid](*args, **meta)
 
 
 # ---- host helpers --------------------------------------------------------------------------------

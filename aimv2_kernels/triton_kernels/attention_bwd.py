@@ -26,12 +26,10 @@ from .attention import (
     LOG2E,
     LOG2E_DEVICE,
     PREPROCESS_BLOCK_M,
-    autotuned,
     candidate_configs,
-    device_capability,
     dot_precision,
-    interpreter_config,
     kernel_config,
+    launch,
     load_rows,
     program_coords,
     key_ranges,
@@ -39,7 +37,6 @@ from .attention import (
     s_bucket,
     unit_last_stride,
     unsupported_reason,
-    use_interpreter_config,
     visibility,
     warn_fallback_once,
 )
@@ -218,17 +215,9 @@ def attention_backward(dout, q, k, v, out, lse, prefix_len, causal: bool, scale:
     with device_context(q):
         attention_bwd_preprocess_kernel[(B * H * triton.cdiv(S, PREPROCESS_BLOCK_M),)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, S, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M)
-        if use_interpreter_config(q):
-            config = interpreter_config("dkdv")
-            attention_bwd_dkdv_kernel[(B * H * triton.cdiv(S, config["BLOCK_N"]),)](*dkdv_args, **meta, **config)
-            config = interpreter_config("dq")
-            attention_bwd_dq_kernel[(B * H * triton.cdiv(S, config["BLOCK_M"]),)](*dq_args, **meta, **config)
-        else:
-            capability = device_capability(q)
-            kernel = autotuned(attention_bwd_dkdv_kernel, "dkdv", D, capability)
-            kernel[lambda c: (B * H * triton.cdiv(S, c["BLOCK_N"]),)](*dkdv_args, **meta)
-            kernel = autotuned(attention_bwd_dq_kernel, "dq", D, capability)
-            kernel[lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),)](*dq_args, **meta)
+        # dK/dV: one program per key block; dQ: one per query tile.
+        launch(attention_bwd_dkdv_kernel, "dkdv", lambda c: (B * H * triton.cdiv(S, c["BLOCK_N"]),), q, dkdv_args, meta)
+        launch(attention_bwd_dq_kernel, "dq", lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),), q, dq_args, meta)
     return dq, dk, dv
 
 

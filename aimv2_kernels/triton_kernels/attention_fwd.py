@@ -19,18 +19,15 @@ from .attention import (
     AIMV2_CASES,
     LN2,
     LOG2E,
-    autotuned,
     candidate_configs,
-    device_capability,
     dot_precision,
-    interpreter_config,
     kernel_config,
     key_ranges,
+    launch,
     load_rows,
     program_coords,
     s_bucket,
     unsupported_reason,
-    use_interpreter_config,
     visibility,
     warn_fallback_once,
 )
@@ -119,12 +116,7 @@ def attention_forward(q, k, v, prefix_len, causal: bool, scale: float):
     )
     meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype))
     with device_context(q):
-        if use_interpreter_config(q):
-            config = interpreter_config("fwd")
-            attention_fwd_kernel[(B * H * triton.cdiv(S, config["BLOCK_M"]),)](*args, **meta, **config)
-        else:
-            kernel = autotuned(attention_fwd_kernel, "fwd", D, device_capability(q))
-            kernel[lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),)](*args, **meta)
+        launch(attention_fwd_kernel, "fwd", lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),), q, args, meta)
     return out, lse
 
 
