@@ -39,14 +39,23 @@ def section(run_dir: Path) -> str:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} of {s['budget_s']} | {detail} |")
     failures = [t for t in data.get("tests", []) if t["outcome"] in ("failed", "error")]
     if failures:
-        lines += ["", "Test failures:", ""]
-        lines += [f"- `{t['test']}`: {(t['message'].splitlines() or ['(see the log)'])[0][:200]}" for t in failures]
+        lines += ["", "Test failures, by test function (parametrizations counted; the first message):", ""]
+        for test, group in _by_function(failures).items():
+            message = next((t["message"] for t in group if t["message"]), "")
+            lines.append(f"- `{test}` x{len(group)}: {(message.splitlines() or ['(no message recorded)'])[0][:200]}")
     tables = run_dir / "results.md"
     if tables.exists():
         body = tables.read_text().replace("\n## ", "\n#### ").replace("\n### ", "\n#### ")
         body = body[3:] if body.startswith("## ") else body
         lines += ["", "#### " + body.strip()]
     return "\n".join(lines) + "\n\n"
+
+
+def _by_function(tests: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for t in tests:
+        groups.setdefault(t["test"].split("[")[0], []).append(t)
+    return groups
 
 
 def insert(page: str, new: str) -> str:

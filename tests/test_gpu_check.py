@@ -93,7 +93,7 @@ def test_append_results_inserts_the_run_after_the_intro(tmp_path):
     assert text.startswith("# Benchmark results\n\nintro\n")
     assert "copy 4300 GB/s, bf16 matmul 780.0 TFLOP/s" in text
     assert "| tests | failed | 100 of 115 | 1 failed, 9 passed |" in text
-    assert "`tests/test_x.py::test_y`: AssertionError: max abs error 0.5 > 0.01" in text
+    assert "`tests/test_x.py::test_y` x1: AssertionError: max abs error 0.5 > 0.01" in text
     assert "#### attention (40 s)" in text
 
 

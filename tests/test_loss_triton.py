@@ -12,7 +12,7 @@ import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
 from aimv2_kernels.ops import linear_ce_chunks, loss
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, rel_err
 
 KERNELS = ("patch_mse_fwd", "patch_mse_bwd", "linear_ce")
 
@@ -325,8 +325,13 @@ def test_gpu_linear_ce_real_size(calls, dtype):
     budget = chunk + V * D * (4 + 2 * size) + 3 * T * D * size + 16 * 2**20
     assert extra <= budget, f"peak extra memory {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
     expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    # The same computation by PyTorch at this precision (materialized logits, fp32 cross-entropy):
+    # fp16 gradients of a mean over 10^4 tokens sit in fp16's subnormal range (about 1e-6), where
+    # no implementation reaches 2e-3; the kernel may be at most twice as far off as PyTorch.
+    h_same, w_same = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    torch.nn.functional.cross_entropy((h_same @ w_same.t()).float(), labels, ignore_index=-100).backward()
     tol = TOLERANCE[dtype] if dtype != torch.float32 else 3e-4  # fp32 GEMMs may use tf32
     assert_close(out, expected, tol, "loss")
-    assert_close(hidden.grad, grads[0], tol, "dhidden")
-    assert_close(weight.grad, grads[1], tol, "dweight")
+    assert_close(hidden.grad, grads[0], max(tol, 2 * rel_err(h_same.grad, grads[0])), "dhidden")
+    assert_close(weight.grad, grads[1], max(tol, 2 * rel_err(w_same.grad, grads[1])), "dweight")
 
