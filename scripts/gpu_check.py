@@ -61,13 +61,13 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", 95, "card, driver, versions, peers; the CUDA extension built for this card only"),
-    Stage("tests", 115, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
-    Stage("sanitizer", 40, "compute-sanitizer memcheck over one small forward+backward of every op on every backend"),
+    Stage("env", 70, "card, driver, versions, peers; the CUDA extension built for this card only"),
+    Stage("tests", 145, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
+    Stage("sanitizer", 35, "compute-sanitizer memcheck over one small forward+backward of every op on every backend"),
     Stage("bench-attention", 60, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal"),
     Stage("bench-loss", 40, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
-    Stage("bench-norm", 35, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
-    Stage("bench-step", 35, "AIMv2-L training step: ours, ours compiled, eager reference, reference compiled"),
+    Stage("bench-norm", 40, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
+    Stage("bench-step", 30, "AIMv2-L training step: ours, eager reference, then ours and the reference compiled"),
 )
 assert sum(s.budget_s for s in STAGES) <= TOTAL_BUDGET_S
 
@@ -299,17 +299,40 @@ def _verbose_cases(output: str) -> list[dict]:
     return cases
 
 
-def _pytest(ctx: "Check", paths: list[str], deadline: float, junit: Path, extra: list[str]) -> tuple[Outcome, list[dict]]:
+def _failure_events(path: Path) -> dict[str, str]:
+    """test id -> message, from the lines tests/conftest.py appends as each failure happens."""
+    events: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            events.setdefault(event["test"], f"{event['message']} (in {event['when']})")
+    return events
+
+
+def _pytest(ctx: "Check", paths: list[str], deadline: float, junit: Path, extra: list[str],
+            env: dict[str, str]) -> tuple[Outcome, list[dict]]:
     argv = [PYTHON, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--no-header", "-rf", "--durations=12",
             f"--junitxml={junit}", *extra, *paths]
-    outcome = ctx.runner.run(argv, deadline, ctx.test_env)
-    return outcome, _junit_cases(junit) or _verbose_cases(outcome.output)
+    events = junit.with_suffix(".events")
+    outcome = ctx.runner.run(argv, deadline, {**env, "AIMV2_TEST_EVENTS": str(events)})
+    cases = _junit_cases(junit) or _verbose_cases(outcome.output)
+    messages = _failure_events(events)
+    for case in cases:
+        if not case["message"]:
+            case["message"] = messages.get(case["test"], "")
+    return outcome, cases
 
 
 def stage_tests(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
-    extra = []
+    extra, env = [], dict(ctx.test_env)
     if not ctx.smoke and _has_module("xdist"):
-        extra += ["-n", str(min(8, max(2, (os.cpu_count() or 2) // 2)))]  # compiles are the cost: spread them
+        workers = min(8, max(2, (os.cpu_count() or 2) // 2))
+        extra += ["-n", str(workers)]  # compiles are the cost: spread them over processes
+        # ...and keep their CPU work from oversubscribing the cores (16 threads per worker otherwise).
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // workers))
     if _has_module("pytest_timeout"):
         extra += ["--timeout", "90"]  # one hung test must not take the stage with it
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_tests_"))
@@ -321,7 +344,7 @@ def stage_tests(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
     all_cases, lines, status = [], [], "passed"
     for label, paths in parts:
         paths = [p for p in paths if (ROOT / p).exists()]
-        outcome, cases = _pytest(ctx, paths, deadline, tmp / f"{label}.xml", extra)
+        outcome, cases = _pytest(ctx, paths, deadline, tmp / f"{label}.xml", extra, env)
         for case in cases:
             case["part"] = label
         all_cases += cases
@@ -332,8 +355,13 @@ def stage_tests(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
             status = "failed"
     failures = [c for c in all_cases if c["outcome"] in ("failed", "error")]
     if failures:
-        lines += ["", "Failures (every one, with its message):", ""]
-        lines += [f"- `{c['test']}`: {c['message'].splitlines()[0] if c['message'] else '(see log.txt)'}" for c in failures]
+        lines += ["", "Failures (every one is in results.json with its message; here by test function):", ""]
+        groups: dict[str, list[dict]] = {}
+        for c in failures:
+            groups.setdefault(c["test"].split("[")[0], []).append(c)
+        for test, group in groups.items():
+            message = next((c["message"] for c in group if c["message"]), "(no message: see log.txt)")
+            lines.append(f"- `{test}` x{len(group)}: {message.splitlines()[0][:300]}")
     timed = sorted((c for c in all_cases if c["seconds"]), key=lambda c: -c["seconds"])[:10]
     if timed:
         lines += ["", "Slowest:", ""] + [f"- {c['seconds']:.1f} s `{c['test']}`" for c in timed]

@@ -23,6 +23,22 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def pytest_runtest_logreport(report):
+    """With AIMV2_TEST_EVENTS=PATH, append every failure to PATH (one JSON line) the moment it
+    happens, so a run killed at a deadline (scripts/gpu_check.sh) still knows why each test failed.
+    Under pytest-xdist the controller writes (workers forward their reports to it)."""
+    path = os.environ.get("AIMV2_TEST_EVENTS")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import json
+
+    text = report.longreprtext or ""
+    errors = [line[2:].strip() for line in text.splitlines() if line.startswith("E ")]
+    message = " | ".join(errors[:4]) or (text.strip().splitlines() or [""])[-1]
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": report.nodeid, "when": report.when, "message": message[:600]}) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -102,3 +102,17 @@ def test_append_results_refuses_a_cpu_smoke_run(tmp_path):
     page.write_text("# Benchmark results\n")
     assert append_results.main([str(_fake_run(tmp_path, mode="cpu-smoke")), "--results", str(page)]) == 2
     assert page.read_text() == "# Benchmark results\n"
+
+
+def test_failures_are_recorded_as_they_happen(tmp_path):
+    """tests/conftest.py writes each failure with its message at once, so a killed stage keeps them."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import pytest_runtest_logreport  # noqa: F401\n")
+    (tmp_path / "test_planted.py").write_text(
+        "def test_ok():\n    pass\n\n\ndef test_wrong_row():\n    err = 0.5\n    assert err <= 1e-2, f'row 3: max abs error {err}'\n")
+    events = tmp_path / "events.jsonl"
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "AIMV2_TEST_EVENTS": str(events)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)], env=env,
+                   cwd=tmp_path, capture_output=True, text=True)
+    messages = gpu_check._failure_events(events)
+    assert list(messages) == ["test_planted.py::test_wrong_row"]
+    assert "row 3: max abs error 0.5" in messages["test_planted.py::test_wrong_row"]
