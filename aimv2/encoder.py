@@ -8,6 +8,7 @@ import aimv2_kernels as ak
 
 from .blocks import init_weights, make_blocks, run_blocks
 from .config import AIMv2Config
+from .interop import config_from_transformers, state_dict_from_transformers, state_dict_to_transformers
 
 
 class AIMv2Encoder(nn.Module):
@@ -61,13 +62,18 @@ class AIMv2Encoder(nn.Module):
 
     @classmethod
     def from_transformers(cls, hf_vision_model) -> "AIMv2Encoder":
-        """An encoder holding the weights of a transformers `Aimv2VisionModel` (non-native variant)."""
-        from .interop import encoder_from_transformers
-
-        return encoder_from_transformers(hf_vision_model)
+        """An encoder holding the weights of a transformers `Aimv2VisionModel` (non-native variant), on
+        its device and in its dtype. Built on the meta device and then given copies of the weights, so
+        no memory is spent on an initialization that would be overwritten."""
+        config = config_from_transformers(hf_vision_model.config)
+        hf_state = {k: v.detach() for k, v in hf_vision_model.state_dict().items()}
+        ours = {k: v.clone() for k, v in state_dict_from_transformers(hf_state, config.enc_depth).items()}
+        with torch.device("meta"):
+            encoder = cls(config)
+        encoder.load_state_dict(ours, strict=True, assign=True)  # own storage: no aliasing of the source
+        return encoder
 
     def to_transformers_state_dict(self) -> dict[str, Tensor]:
-        """This encoder's weights under `Aimv2VisionModel` keys (without the pooling head)."""
-        from .interop import encoder_to_transformers_state_dict
-
-        return encoder_to_transformers_state_dict(self)
+        """This encoder's weights under `Aimv2VisionModel` keys (without the pooling head); tensors
+        share storage with the parameters, as `state_dict()` does."""
+        return state_dict_to_transformers(self.state_dict(), self.config.enc_depth)

@@ -1,5 +1,8 @@
 """Conversion between `AIMv2Encoder` and transformers' `Aimv2VisionModel` (the non-native variant).
 
+A layer below the encoder: configs and state dicts only, so `AIMv2Encoder.from_transformers` and
+`to_transformers_state_dict` import it and it imports nothing of the model.
+
 Released AIMv2 checkpoints load into `Aimv2VisionModel`; this maps its weights onto ours and back.
 Key map (ours <- theirs), per block i; our attention projects q, k, v with one fused matrix, theirs
 with three, so qkv is their q, k and v stacked along the output dim:
@@ -23,8 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torch import nn
+
 from .config import AIMv2Config
-from .encoder import AIMv2Encoder
 
 _MLP_NAMES = (("fc1", "gate_proj"), ("fc3", "up_proj"), ("fc2", "down_proj"))
 _POS_KEY = "embeddings.position_embedding.weight"
@@ -105,34 +109,11 @@ def state_dict_to_transformers(state: dict[str, Tensor], depth: int) -> dict[str
     return theirs
 
 
-def encoder_from_transformers(hf_vision_model) -> AIMv2Encoder:
-    """A new AIMv2Encoder with the weights of `hf_vision_model`, on its device and in its dtype.
-
-    Built on the meta device and then given copies of the weights, so no memory is spent on an
-    initialization that would be overwritten.
-    """
-    config = config_from_transformers(hf_vision_model.config)
-    hf_state = {k: v.detach() for k, v in hf_vision_model.state_dict().items()}
-    ours = state_dict_from_transformers(hf_state, config.enc_depth)
-    ours = {k: v.clone() for k, v in ours.items()}  # own storage: no aliasing of the source model
-    with torch.device("meta"):
-        encoder = AIMv2Encoder(config)
-    encoder.load_state_dict(ours, strict=True, assign=True)
-    return encoder
-
-
-def encoder_to_transformers_state_dict(encoder: AIMv2Encoder) -> dict[str, Tensor]:
-    """The encoder's weights under `Aimv2VisionModel` keys; tensors share storage with the
-    parameters, as `state_dict()` does (load them into a model built with use_head=False, or with
-    strict=False to keep an existing head)."""
-    return state_dict_to_transformers(encoder.state_dict(), encoder.config.enc_depth)
-
-
-def to_transformers(encoder: AIMv2Encoder):
-    """A transformers `Aimv2VisionModel` (no pooling head) holding a copy of the encoder's weights."""
+def to_transformers(encoder: nn.Module):
+    """A transformers `Aimv2VisionModel` (no pooling head) holding a copy of an `AIMv2Encoder`'s weights."""
     from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
     param = next(encoder.parameters())
     model = Aimv2VisionModel(Aimv2VisionConfig(**transformers_config_kwargs(encoder.config)))
-    model.load_state_dict(encoder_to_transformers_state_dict(encoder), strict=True)
+    model.load_state_dict(encoder.to_transformers_state_dict(), strict=True)
     return model.to(device=param.device, dtype=param.dtype)

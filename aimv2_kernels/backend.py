@@ -137,7 +137,10 @@ def _cuda_status() -> str | None:
         from aimv2_kernels import cuda_ext
     except ImportError as exc:
         return f"the CUDA backend module is missing ({exc})"
-    return cuda_ext.load_status()
+    reason = cuda_ext.load_status()
+    if reason is None:
+        importlib.import_module("aimv2_kernels.cuda_backend")  # a plug-in: registers its kernels here
+    return reason
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -1,7 +1,8 @@
 """The "cuda" backend: the compiled csrc/ kernels (ops `torch.ops.aimv2_kernels.cuda_<kernel>`) as
 implementations of the kernels of the same name in the backend registry.
 
-Imported by `aimv2_kernels.cuda_ext` once the compiled library is loaded; do not import it directly.
+Imported by name by `aimv2_kernels.backend` once `cuda_ext` has loaded the compiled library (as the
+triton kernels are), never directly.
 The kernels take float32, float16 and bfloat16; a call with another dtype (float64) runs the
 reference instead, with a one-time warning. Each op's fake (meta) kernel is the reference
 implementation itself, run on fake tensors: the output contract is the reference's by construction.

@@ -6,8 +6,9 @@ Two ways to get them, the same sources and flags either way:
   * otherwise the first use of the "cuda" backend compiles the sources with ninja into
     ~/.cache/aimv2_kernels/ (say so once, takes minutes) and later processes load that build;
     AIMV2_KERNELS_NO_JIT=1 turns this route off (the backend is then unavailable, with that reason).
-Loading registers the ops `torch.ops.aimv2_kernels.cuda_*`; `aimv2_kernels.cuda_backend` then plugs
-them into the backend registry. `load_status()` says why the backend is unavailable when it is.
+Loading registers the ops `torch.ops.aimv2_kernels.cuda_*`; `aimv2_kernels.backend` then imports
+`aimv2_kernels.cuda_backend`, which plugs them into the backend registry (this module imports neither:
+loading sits below the registry). `load_status()` says why the backend is unavailable when it is.
 
 Importing this module needs only torch (the package is imported lazily), so setup.py and
 scripts/check_cuda_sources.sh read the flags and the source list from this one place.
@@ -142,7 +143,4 @@ def load_status() -> str | None:
 
     The first call may build them (once per machine and torch version; see the module doc).
     """
-    reason = _load()
-    if reason is None:
-        from aimv2_kernels import cuda_backend  # noqa: F401  (registers the implementations)
-    return reason
+    return _load()

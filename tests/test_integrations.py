@@ -11,9 +11,10 @@ from torch import nn
 import aimv2_kernels as ak
 from aimv2_kernels.integrations import NothingPatchedError, patch_timm_aimv2, patch_transformers_aimv2, swap_modules
 from helpers import assert_close
+from optional import import_or_skip
 
-transformers = pytest.importorskip("transformers")
-from transformers import Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel  # noqa: E402
+Aimv2Config, Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel = import_or_skip(
+    "transformers", "Aimv2Config", "Aimv2Model", "Aimv2VisionConfig", "Aimv2VisionModel")
 
 BACKENDS = ["torch", "triton"]  # "triton" runs the kernels in the interpreter on CPU
 TOL = 2e-5  # fp32, with reduction orders that differ from eager PyTorch's
