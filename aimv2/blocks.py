@@ -3,7 +3,13 @@
 A block computes x = x + Attn(norm1(x), mask); x = x + SwiGLU(norm2(x)). Every residual add is fused
 into the RMSNorm that follows it (`ak.rms_norm_residual`): a block takes the stream and the update
 still to be added, and returns the new stream and its own pending update, which the next block's
-norm1 (or the final norm) adds. Same math, one pass over the activations fewer per add.
+norm1 (or the final norm) adds. The input itself arrives as a stream plus a first update (the
+position embeddings plus the token content), so even the first block's norm1 is a fused add.
+Same math, one pass over the activations fewer per add.
+
+Under bf16 autocast the stream is float32 (the float32 position embeddings start it) while every
+update is a bf16 matmul output: the fused op adds in float32, keeps the stream float32 and hands the
+normalized rows to the next matmul in bf16.
 """
 from __future__ import annotations
 
@@ -13,18 +19,28 @@ from torch import Tensor, nn
 import aimv2_kernels as ak
 
 
-def add_norm(update: Tensor | None, stream: Tensor, norm: ak.nn.RMSNorm) -> tuple[Tensor, Tensor]:
-    """(norm(stream + update), stream + update); update None means nothing to add.
+# Update dtypes that ak.rms_norm_residual adds into a (wider) float32 stream.
+_NARROW_UPDATES = (torch.float16, torch.bfloat16)
 
-    The fused op needs one dtype; under autocast the update (a bf16 matmul output) and the fp32
-    stream differ, and the add promotes as it would in eager PyTorch.
+
+def _fuses(update: Tensor, stream: Tensor) -> bool:
+    """Whether ak.rms_norm_residual takes this pair: one dtype, or a float32 stream and a 16-bit update."""
+    return update.dtype == stream.dtype or (stream.dtype == torch.float32 and update.dtype in _NARROW_UPDATES)
+
+
+def add_norm(update: Tensor | None, stream: Tensor, norm: ak.nn.RMSNorm) -> tuple[Tensor, Tensor]:
+    """(norm(stream + update), stream + update), both (B, S, D); update None means nothing to add.
+
+    The fused op returns the new stream in the stream's dtype and the normalized rows in the
+    update's. A pair it does not take (a stream narrower than its update) adds in eager PyTorch first.
     """
     if update is None:
         return norm(stream), stream
-    if update.dtype != stream.dtype:
+    if not _fuses(update, stream):
         stream = stream + update
         return norm(stream), stream
-    return ak.rms_norm_residual(update, stream, norm.weight, norm.eps)
+    eps = torch.finfo(stream.dtype).eps if norm.eps is None else norm.eps  # as the module's own default
+    return ak.rms_norm_residual(update, stream, norm.weight, eps)
 
 
 class Block(nn.Module):
@@ -46,9 +62,12 @@ class Block(nn.Module):
 
 
 def run_blocks(blocks: nn.ModuleList, final_norm: ak.nn.RMSNorm, x: Tensor, prefix_len: Tensor | None = None,
-               causal: bool = True) -> Tensor:
-    """x (B, S, D) through every block, then the final norm: (B, S, D)."""
-    update = None
+               causal: bool = True, *, update: Tensor | None = None) -> Tensor:
+    """x + update (B, S, D each) through every block, then the final norm: (B, S, D).
+
+    x is the residual stream and update the first addition to it (None: nothing), left to the first
+    block's norm1 so that the add is fused there too; x may be a broadcast view (expanded positions).
+    """
     for block in blocks:
         x, update = block(x, update, prefix_len, causal)
     return add_norm(update, x, final_norm)[0]

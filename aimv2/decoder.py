@@ -55,9 +55,12 @@ class AIMv2Decoder(nn.Module):
         T = tokens.shape[1]
         image = self.image_proj(features)  # (B, N, dec_dim)
         text = torch.cat([self.bos.expand(B, -1, -1), self.token_embed(tokens)], dim=1)  # (B, T + 1, dec_dim)
-        text = text + self.pos_embed[:, : T + 1]
-        x = torch.cat([image, text], dim=1)  # (B, S, dec_dim); promotes a bf16 image part under autocast
-        return run_blocks(self.blocks, self.norm, x, None, causal=True)
+        # The sequence is content + positions (none on the image part). The positions start the residual
+        # stream and the content is its first update, added by the first block's fused norm. Under
+        # autocast the content is float32 (cat promotes the bf16 image part to the text's float32).
+        content = torch.cat([image, text], dim=1)  # (B, S, dec_dim)
+        positions = torch.cat([self.pos_embed.new_zeros(1, N, self.config.dec_dim), self.pos_embed[:, : T + 1]], dim=1)
+        return run_blocks(self.blocks, self.norm, positions.expand(B, -1, -1), None, causal=True, update=content)
 
     def forward(self, features: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """-> pixel_pred (B, N - 1, patch_dim) for patches 1..N-1, text_hidden (B, T, dec_dim) for tokens 0..T-1."""

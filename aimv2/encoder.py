@@ -42,18 +42,27 @@ class AIMv2Encoder(nn.Module):
         if not images.is_floating_point():
             raise TypeError(f"images must be a float tensor (normalized pixels), got {images.dtype}")
 
-    def embed(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> patch tokens (B, N, D): conv, RMSNorm, plus the position embedding."""
+    def embed_parts(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> (patch tokens (B, N, D): conv then RMSNorm, positions: the position
+        embedding broadcast to (B, N, D), a view). Their sum is the blocks' input."""
         self._check_images(images)
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
-        x = self.patch_norm(x.flatten(2).transpose(1, 2))  # (B, N, D), row-major patch order
-        return x + self.pos_embed
+        tokens = self.patch_norm(x.flatten(2).transpose(1, 2))  # (B, N, D), row-major patch order
+        return tokens, self.pos_embed.expand(tokens.shape[0], -1, -1)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> patch tokens (B, N, D): conv, RMSNorm, plus the position embedding."""
+        tokens, positions = self.embed_parts(images)
+        return tokens + positions
 
     def forward(self, images: Tensor, prefix_len=None) -> Tensor:
         """Features (B, N, D). prefix_len None: bidirectional attention (inference); an int or an int
         tensor (B,): key j visible to query i iff j <= i or j < prefix_len[b] (pre-training)."""
-        x = self.embed(images)
-        return run_blocks(self.blocks, self.norm, x, prefix_len, causal=prefix_len is not None)
+        tokens, positions = self.embed_parts(images)
+        # The positions start the residual stream and the tokens are its first update, added by the
+        # first block's fused norm: under autocast a bf16 update into a float32 stream, no extra pass.
+        return run_blocks(self.blocks, self.norm, positions, prefix_len, causal=prefix_len is not None,
+                          update=tokens)
 
     def features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Bidirectional features for downstream use: (patch features (B, N, D), their mean (B, D))."""

@@ -52,6 +52,11 @@ class KernelConfig:
         return {(arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
 
 
+# Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100
+# (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB. Every compiled entry must fit: a launch over it fails.
+SHARED_BYTES_PER_BLOCK = {80: 166912, 90: 232448}
+
+
 @dataclasses.dataclass
 class CompileResult:
     label: str
@@ -69,8 +74,13 @@ class CompileResult:
         return self.local_bytes > 0 or self.stack_bytes > 0
 
     @property
+    def over_shared_limit(self) -> bool:
+        """More shared memory than one block may use on this arch: the launch would fail."""
+        return self.shared_bytes > SHARED_BYTES_PER_BLOCK.get(self.arch, 1 << 62)
+
+    @property
     def failed(self) -> bool:
-        return bool(self.error) or (self.hot and self.spills)
+        return bool(self.error) or (self.hot and self.spills) or self.over_shared_limit
 
 
 def _cuobjdump() -> str:
@@ -137,7 +147,8 @@ def format_table(results: list[CompileResult]) -> str:
     header = "| kernel config | arch | regs | local B | stack B | shared B | mma | hot | status |"
     lines = [header, "|" + "---|" * 9]
     for r in results:
-        status = "ERROR " + r.error if r.error else ("SPILL" if r.spills else "ok")
+        status = "ERROR " + r.error if r.error else (
+            "SHARED>LIMIT" if r.over_shared_limit else ("SPILL" if r.spills else "ok"))
         lines.append(
             f"| {r.label} | sm_{r.arch} | {r.registers} | {r.local_bytes} | {r.stack_bytes} | {r.shared_bytes} "
             f"| {r.mma or '-'} | {'yes' if r.hot else 'no'} | {status} |"

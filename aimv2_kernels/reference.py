@@ -25,9 +25,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 
 def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-5):
-    """(rms_norm(x + residual), x + residual): the pre-norm block's add-then-normalize."""
-    stream = x + residual
-    return rms_norm(stream, weight, eps), stream
+    """(rms_norm(x + residual), x + residual): the pre-norm block's add-then-normalize.
+
+    x is the update, residual the stream it is added to. The residual may be wider than x (a float32
+    stream under bf16 autocast): the sum is computed in float32 (float64 for float64 inputs) and
+    stored in the residual's dtype, the stored stream is what gets normalized, and y comes back in
+    x's dtype. With one dtype this is plain `x + residual`.
+    """
+    stream = (x.to(_compute_dtype(residual)) + residual.to(_compute_dtype(residual))).to(residual.dtype)
+    return rms_norm(stream, weight, eps).to(x.dtype), stream
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,15 @@ namespace aimv2 {
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                 double eps);
 
-// (rms_norm(x + residual), x + residual, rstd): the pre-norm block's add-then-normalize.
+// (rms_norm(x + residual), x + residual, rstd): the pre-norm block's add-then-normalize. residual has
+// x's dtype, or is a float32 stream under a float16/bfloat16 x: y comes back in x's dtype and the
+// stream in the residual's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_fwd(const at::Tensor& x, const at::Tensor& residual,
                                                                      const std::optional<at::Tensor>& weight,
                                                                      double eps);
 
-// (dx + dresidual, dweight in weight's dtype or an empty tensor without weight); dweight is summed
+// (dx + dresidual, dweight in weight's dtype or an empty tensor without weight); dx and dresidual have
+// x's dtype, dy x's or, when x is a float32 stream, float16/bfloat16 (y's dtype). dweight is summed
 // deterministically (per-block partial sums, then a fixed-order reduction over blocks).
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                                 const std::optional<at::Tensor>& weight, const at::Tensor& rstd,

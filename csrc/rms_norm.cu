@@ -9,6 +9,10 @@
 // rows; a block keeps its running dw sum for the columns each thread owns in shared memory (global
 // memory past kSmemWeightGradCols columns), writes it as one row of a (blocks, n) partial buffer, and
 // a second kernel adds those rows in a fixed order: dw is deterministic, with no atomics.
+//
+// Mixed dtypes (the residual-in-fp32 design of fused add-norm): the residual stream may be float32
+// while the update x is fp16/bf16. The add is in float32, the stream is stored in float32 and y in x's
+// dtype; the backward then reads dy in y's dtype and the stream and its gradient in float32.
 #include "common.cuh"
 #include "ops.h"
 
@@ -19,20 +23,26 @@ namespace {
 // opt-in (the reduction scratch needs a little more).
 constexpr int kSmemWeightGradCols = 11 * 1024;
 
-template <typename T, typename W, bool kResidual>
+// Elements per pack when one loop moves rows of two dtypes: 16 bytes of the narrower one (the wider
+// one then moves 32 bytes, two accesses), so the narrow loads stay full width.
+template <typename A, typename B>
+constexpr int kPack = (kVec<A> > kVec<B>) ? kVec<A> : kVec<B>;
+
+// T: x and y (the update); R: the residual and the stream, T or a wider float (see the top).
+template <typename T, typename R, typename W, bool kResidual>
 __global__ void rms_norm_fwd_kernel(Rows<const T> x,        // (rows, n)
-                                    Rows<const T> residual,  // (rows, n), read when kResidual
+                                    Rows<const R> residual,  // (rows, n), read when kResidual
                                     const W* __restrict__ weight,  // (n,) or nullptr
                                     T* __restrict__ y,             // (rows, n) contiguous
-                                    T* __restrict__ stream,        // (rows, n) contiguous: x + residual, when kResidual
+                                    R* __restrict__ stream,        // (rows, n) contiguous: x + residual, when kResidual
                                     float* __restrict__ rstd,      // (rows,)
                                     int n, float eps, bool vec) {
-  constexpr int V = kVec<T>;
+  constexpr int V = kPack<T, R>;
   __shared__ float scratch[kWarp];
   const int64_t row = blockIdx.x;
   const T* xr = x.row(row);
   T* yr = y + row * n;
-  T* sr = kResidual ? stream + row * n : nullptr;
+  R* sr = kResidual ? stream + row * n : nullptr;
 
   float sum_sq = 0.f;
   for_each_chunk<V>(n, vec, threadIdx.x, blockDim.x, [&](int c, auto width) {
@@ -40,11 +50,11 @@ __global__ void rms_norm_fwd_kernel(Rows<const T> x,        // (rows, n)
     float a[K];
     load_floats<K>(xr + c, a);
     if constexpr (kResidual) {
-      // The stream is stored in T, and normalized as stored (as the reference does).
+      // The stream is stored in R, and normalized as stored (as the reference does).
       float b[K];
       load_floats<K>(residual.row(row) + c, b);
 #pragma unroll
-      for (int k = 0; k < K; ++k) a[k] = round_to<T>(a[k] + b[k]);
+      for (int k = 0; k < K; ++k) a[k] = round_to<R>(a[k] + b[k]);
       store_floats<K>(sr + c, a);
     }
 #pragma unroll
@@ -53,26 +63,34 @@ __global__ void rms_norm_fwd_kernel(Rows<const T> x,        // (rows, n)
   const float r = rsqrtf(block_sum(sum_sq, scratch) / n + eps);
   if (threadIdx.x == 0) rstd[row] = r;
 
-  // Each thread re-reads only columns it wrote itself, so the stream needs no barrier.
-  const T* src = kResidual ? sr : xr;
-  for_each_chunk<V>(n, vec, threadIdx.x, blockDim.x, [&](int c, auto width) {
-    constexpr int K = decltype(width)::value;
-    float a[K];
-    load_floats<K>(src + c, a);
+  // Each thread re-reads only columns it wrote itself, so the stream needs no barrier. The row read
+  // is the stream (R) after an add, x (T) otherwise: a generic lambda takes either.
+  auto scale_row = [&](const auto* src) {
+    for_each_chunk<V>(n, vec, threadIdx.x, blockDim.x, [&](int c, auto width) {
+      constexpr int K = decltype(width)::value;
+      float a[K];
+      load_floats<K>(src + c, a);
 #pragma unroll
-    for (int k = 0; k < K; ++k) a[k] *= r;
-    if (weight != nullptr) {
-      float w[K];
-      load_floats<K>(weight + c, w);
+      for (int k = 0; k < K; ++k) a[k] *= r;
+      if (weight != nullptr) {
+        float w[K];
+        load_floats<K>(weight + c, w);
 #pragma unroll
-      for (int k = 0; k < K; ++k) a[k] *= w[k];
-    }
-    store_floats<K>(yr + c, a);
-  });
+        for (int k = 0; k < K; ++k) a[k] *= w[k];
+      }
+      store_floats<K>(yr + c, a);
+    });
+  };
+  if constexpr (kResidual) {
+    scale_row(static_cast<const R*>(sr));
+  } else {
+    scale_row(xr);
+  }
 }
 
-template <typename T, typename W>
-__global__ void rms_norm_bwd_kernel(Rows<const T> dy,              // (rows, n)
+// G: dy (y's dtype); T: x, dresidual and dx. G is T, or 16-bit under a float32 stream (see the top).
+template <typename G, typename T, typename W>
+__global__ void rms_norm_bwd_kernel(Rows<const G> dy,              // (rows, n)
                                     Rows<const T> x,               // (rows, n)
                                     const W* __restrict__ weight,  // (n,) or nullptr
                                     const float* __restrict__ rstd,  // (rows,)
@@ -80,7 +98,7 @@ __global__ void rms_norm_bwd_kernel(Rows<const T> dy,              // (rows, n)
                                     T* __restrict__ dx,            // (rows, n) contiguous
                                     float* __restrict__ dw_partial,  // (gridDim.x, n) when weight
                                     int64_t rows, int n, bool vec) {
-  constexpr int V = kVec<T>;
+  constexpr int V = kPack<G, T>;
   // (n,) when weight and n <= kSmemWeightGradCols; aligned for packs of 8 floats.
   extern __shared__ __align__(32) float dw_smem[];
   __shared__ float scratch[kWarp];
@@ -98,7 +116,7 @@ __global__ void rms_norm_bwd_kernel(Rows<const T> dy,              // (rows, n)
   }
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* dyr = dy.row(row);
+    const G* dyr = dy.row(row);
     const T* xr = x.row(row);
     const float r = rstd[row];
 
@@ -175,38 +193,83 @@ __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, 
   dw[c] = static_cast<W>(sum);
 }
 
-// Shared by the plain and the fused-residual forward.
+// One forward launch at T (x, y), R (residual, stream) and W (weight); r2 and stream are read only
+// when kResidual.
+template <typename T, typename R, typename W, bool kResidual>
+void launch_fwd_kernel(const at::Tensor& x2, const at::Tensor& r2, const at::Tensor& w, const at::Tensor& y,
+                       const at::Tensor& stream, const at::Tensor& rstd, double eps, cudaStream_t cuda_stream) {
+  const int64_t rows = x2.size(0);
+  const int n = static_cast<int>(x2.size(1));
+  constexpr int V = kPack<T, R>;
+  bool vec = packs_aligned(V, {x2, y});
+  if (kResidual) vec = vec && packs_aligned(V, {r2, stream});
+  if (w.defined()) vec = vec && packs_aligned(V, {w});
+  const int threads = threads_for_row(vec ? (n + V - 1) / V : n);
+  rms_norm_fwd_kernel<T, R, W, kResidual><<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(
+      rows_of<const T>(x2), kResidual ? rows_of<const R>(r2) : Rows<const R>{nullptr, 0},
+      w.defined() ? w.data_ptr<W>() : nullptr, y.data_ptr<T>(), kResidual ? stream.data_ptr<R>() : nullptr,
+      rstd.data_ptr<float>(), n, static_cast<float>(eps), vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Shared by the plain and the fused-residual forward. A residual of another dtype than x is a
+// float32 stream under a 16-bit x (checked by the caller).
 void launch_rms_norm_fwd(const at::Tensor& x2, const std::optional<at::Tensor>& residual2,
                          const std::optional<at::Tensor>& weight, const at::Tensor& y, const at::Tensor& stream,
                          const at::Tensor& rstd, double eps) {
   const int64_t rows = x2.size(0);
-  const int n = static_cast<int>(x2.size(1));
   if (rows == 0) return;
   TORCH_CHECK(rows <= INT32_MAX, "rms_norm: at most 2^31 - 1 rows, got ", rows);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor r2 = residual2.has_value() ? *residual2 : at::Tensor();
   const cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
   AIMV2_DISPATCH_FLOATS(x2.scalar_type(), "rms_norm_fwd", [&] {
     using T = scalar_t;
     AIMV2_DISPATCH_FLOATS(w.defined() ? w.scalar_type() : x2.scalar_type(), "rms_norm_fwd", [&] {
       using W = scalar_t;
-      constexpr int V = kVec<T>;
-      const at::Tensor& r2 = residual2.has_value() ? *residual2 : x2;
-      bool vec = packs_aligned(V, {x2, r2, y});
-      if (w.defined()) vec = vec && packs_aligned(V, {w});
-      const int threads = threads_for_row(vec ? (n + V - 1) / V : n);
-      const W* w_ptr = w.defined() ? w.data_ptr<W>() : nullptr;
-      if (residual2.has_value()) {
-        rms_norm_fwd_kernel<T, W, true><<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(
-            rows_of<const T>(x2), rows_of<const T>(r2), w_ptr, y.data_ptr<T>(), stream.data_ptr<T>(),
-            rstd.data_ptr<float>(), n, static_cast<float>(eps), vec);
+      if (!r2.defined()) {
+        launch_fwd_kernel<T, T, W, false>(x2, r2, w, y, stream, rstd, eps, cuda_stream);
+      } else if (r2.scalar_type() == x2.scalar_type()) {
+        launch_fwd_kernel<T, T, W, true>(x2, r2, w, y, stream, rstd, eps, cuda_stream);
       } else {
-        rms_norm_fwd_kernel<T, W, false><<<static_cast<unsigned>(rows), threads, 0, cuda_stream>>>(
-            rows_of<const T>(x2), Rows<const T>{nullptr, 0}, w_ptr, y.data_ptr<T>(), nullptr,
-            rstd.data_ptr<float>(), n, static_cast<float>(eps), vec);
+        launch_fwd_kernel<T, float, W, true>(x2, r2, w, y, stream, rstd, eps, cuda_stream);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+// One backward launch at G (dy), T (x, dresidual, dx) and W (weight): the row kernel, then the
+// fixed-order column sum of its dw partials.
+template <typename G, typename T, typename W>
+void launch_bwd_kernels(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& rstd1,
+                        const at::Tensor& dres2, const at::Tensor& dx2, const at::Tensor& dw, int64_t rows, int n,
+                        cudaStream_t cuda_stream) {
+  constexpr int V = kPack<G, T>;
+  bool vec = packs_aligned(V, {dy2, x2, dx2});
+  if (w.defined()) vec = vec && packs_aligned(V, {w});
+  if (dres2.defined()) vec = vec && packs_aligned(V, {dres2});
+  const int threads = threads_for_row(vec ? (n + V - 1) / V : n);
+  const size_t smem = w.defined() && n <= kSmemWeightGradCols ? n * sizeof(float) : 0;
+  auto kernel = rms_norm_bwd_kernel<G, T, W>;
+  const int grid = static_cast<int>(std::min<int64_t>(rows, resident_blocks(kernel, threads, smem)));
+  at::Tensor partial = w.defined() ? at::empty({grid, n}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  kernel<<<grid, threads, smem, cuda_stream>>>(
+      rows_of<const G>(dy2), rows_of<const T>(x2), w.defined() ? w.data_ptr<W>() : nullptr, rstd1.data_ptr<float>(),
+      dres2.defined() ? rows_of<const T>(dres2) : Rows<const T>{nullptr, 0}, dx2.data_ptr<T>(),
+      w.defined() ? partial.data_ptr<float>() : nullptr, rows, n, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (w.defined()) {
+    constexpr int kThreads = 256;
+    column_sum_kernel<W><<<(n + kThreads - 1) / kThreads, kThreads, 0, cuda_stream>>>(
+        partial.data_ptr<float>(), grid, n, dw.data_ptr<W>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// A float32 stream (or its gradient, or the norm input) beside 16-bit values of `other`.
+bool is_wider_stream(const at::Tensor& stream, const at::Tensor& other) {
+  return stream.scalar_type() == at::kFloat &&
+         (other.scalar_type() == at::kHalf || other.scalar_type() == at::kBFloat16);
 }
 
 void check_norm_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight) {
@@ -249,11 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_fwd(const at::T
   check_float_input(op, "residual", residual);
   check_same_device(op, "residual", residual, x);
   check_shape(op, "residual", residual, x.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), op, ": residual must have x's dtype ", x.scalar_type(),
-              ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() || is_wider_stream(residual, x), op,
+              ": residual must have x's dtype ", x.scalar_type(),
+              " or be float32 (a wider stream) when x is float16 or bfloat16, got ", residual.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor stream = at::empty_like(y);
+  at::Tensor stream = at::empty(x.sizes(), residual.options());  // contiguous, in the residual's dtype
   at::Tensor rstd = rstd_like(x);
   if (x.numel() == 0) return {y, stream, rstd};
   const int64_t n = x.size(-1);
@@ -269,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   check_float_input(op, "dy", dy);
   check_same_device(op, "dy", dy, x);
   check_shape(op, "dy", dy, x.sizes());
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy must have x's dtype ", x.scalar_type(), ", got ",
-              dy.scalar_type());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() || is_wider_stream(x, dy), op, ": dy must have x's dtype ",
+              x.scalar_type(), " or be float16/bfloat16 when x is a float32 stream, got ", dy.scalar_type());
   TORCH_CHECK(rstd.scalar_type() == at::kFloat, op, ": rstd must be float32, got ", rstd.scalar_type());
   check_same_device(op, "rstd", rstd, x);
   check_shape(op, "rstd", rstd, x.sizes().slice(0, x.dim() - 1));
@@ -297,31 +361,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const cudaStream_t cuda_stream = at::cuda::getCurrentCUDAStream();
 
-  AIMV2_DISPATCH_FLOATS(x.scalar_type(), "rms_norm_bwd", [&] {
-    using T = scalar_t;
+  AIMV2_DISPATCH_FLOATS(dy.scalar_type(), "rms_norm_bwd", [&] {
+    using G = scalar_t;
     AIMV2_DISPATCH_FLOATS(w.defined() ? w.scalar_type() : x.scalar_type(), "rms_norm_bwd", [&] {
       using W = scalar_t;
-      constexpr int V = kVec<T>;
-      at::Tensor dx2 = dx.view({-1, n});
-      bool vec = packs_aligned(V, {dy2, x2, dx2});
-      if (w.defined()) vec = vec && packs_aligned(V, {w});
-      if (dres2.defined()) vec = vec && packs_aligned(V, {dres2});
-      const int threads = threads_for_row(vec ? (n + V - 1) / V : n);
-      const size_t smem = w.defined() && n <= kSmemWeightGradCols ? n * sizeof(float) : 0;
-      auto kernel = rms_norm_bwd_kernel<T, W>;
-      const int grid = static_cast<int>(std::min<int64_t>(rows, resident_blocks(kernel, threads, smem)));
-      at::Tensor partial = w.defined() ? at::empty({grid, n}, x.options().dtype(at::kFloat)) : at::Tensor();
-      kernel<<<grid, threads, smem, cuda_stream>>>(
-          rows_of<const T>(dy2), rows_of<const T>(x2), w.defined() ? w.data_ptr<W>() : nullptr,
-          rstd1.data_ptr<float>(),
-          dres2.defined() ? rows_of<const T>(dres2) : Rows<const T>{nullptr, 0}, dx2.data_ptr<T>(),
-          w.defined() ? partial.data_ptr<float>() : nullptr, rows, n, vec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (w.defined()) {
-        constexpr int kThreads = 256;
-        column_sum_kernel<W><<<(n + kThreads - 1) / kThreads, kThreads, 0, cuda_stream>>>(
-            partial.data_ptr<float>(), grid, n, dw.data_ptr<W>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor dx2 = dx.view({-1, n});
+      if (x.scalar_type() == dy.scalar_type()) {
+        launch_bwd_kernels<G, G, W>(dy2, x2, w, rstd1, dres2, dx2, dw, rows, n, cuda_stream);
+      } else {  // checked above: a float32 stream under a 16-bit y
+        launch_bwd_kernels<G, float, W>(dy2, x2, w, rstd1, dres2, dx2, dw, rows, n, cuda_stream);
       }
     });
   });

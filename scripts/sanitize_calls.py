@@ -73,6 +73,12 @@ def call_rms_norm_residual(device) -> None:
     _backward(ak.rms_norm_residual(x, r, w))
 
 
+def call_rms_norm_residual_fp32_stream(device) -> None:
+    """The autocast case: a bf16 update added to a float32 residual stream (mixed-dtype kernels)."""
+    x, r, w = _leaf((3, 37, 203), device), _leaf((3, 37, 203), device, torch.float32), _leaf((203,), device)
+    _backward(ak.rms_norm_residual(x, r, w))
+
+
 def call_swiglu(device) -> None:
     gate, up = _leaf((3, 37, 181), device), _leaf((3, 37, 181), device)
     _backward((ak.swiglu(gate, up),))
@@ -126,6 +132,7 @@ def call_aimv2_loss(device) -> None:
 CALLS: list[tuple[str, str, Callable]] = [  # (op, details, call)
     ("rms_norm", "bf16", call_rms_norm),
     ("rms_norm_residual", "bf16", call_rms_norm_residual),
+    ("rms_norm_residual", "bf16 + fp32 stream", call_rms_norm_residual_fp32_stream),
     ("swiglu", "bf16", call_swiglu),
     ("swiglu_packed", "bf16", call_swiglu_packed),
     ("prefix_causal_attention", "bf16 D=64", attention_call(64, BF16)),

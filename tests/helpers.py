@@ -1,7 +1,12 @@
-"""Shared test utilities: comparison by relative error norm, poisoned outputs, random inputs."""
+"""Shared test utilities: comparison by relative error norm and per element, tolerances."""
 from __future__ import annotations
 
 import torch
+
+# The per-element bound of `assert_close`, in units of tol * max|expected|: loose enough for the
+# rounding of a correct kernel (whose worst element is a few times its typical error), tight enough
+# that a wrong row or tile fails even when it barely moves the norm of a large tensor.
+ELEMENT_FACTOR = 4.0
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -10,11 +15,31 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max |actual - expected|, max |expected|), in float64; (0, 0) for empty tensors."""
+    if expected.numel() == 0:
+        return 0.0, 0.0
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max()), float(e.abs().max())
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "",
+                 element_factor: float = ELEMENT_FACTOR) -> None:
+    """actual matches expected within `tol` by relative error norm AND per element: every element
+    within element_factor * tol * max|expected| of its expected value, so one wrong row of a large
+    tensor fails even when the norm of the whole hardly moves."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    worst, scale = max_abs_err(actual, expected)
+    bound = element_factor * tol * scale
+    if worst > bound:
+        diff = (actual.detach().double() - expected.detach().double()).abs()
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise AssertionError(
+            f"{what}: element {where} off by {worst:.3e} > {bound:.3e} ({element_factor:g} x tol {tol:.1e} x "
+            f"max|expected| {scale:.3e}); relative error norm {err:.3e}")
 
 
 # fp32 near 1e-5, fp16/tf32 near 3e-4..1e-3, bf16 1e-2 (SPEC section 5)

@@ -180,12 +180,13 @@ def _run_candidate(kernel, config, D, dtype, mode, S, device, launches, monkeypa
 # ---- GPU: every candidate, head dims 64 and 128, bf16 and fp32 -----------------------------------
 
 def _gpu_cases():
-    """bf16 in every mask mode; fp32 (ieee dots, twice the shared memory) with the prefix mask."""
+    """bf16 in every mask mode; fp32 (ieee dots, twice the shared memory: its own candidate set)
+    with the prefix mask."""
     cases = []
     for kernel in KERNEL_FNS:
         for D in (64, 128):
-            for index, config in enumerate(common.candidate_configs(kernel, D, _gpu_capability())):
-                for dtype, modes in ((torch.bfloat16, MODES), (torch.float32, ("prefix",))):
+            for dtype, modes in ((torch.bfloat16, MODES), (torch.float32, ("prefix",))):
+                for index, config in enumerate(common.candidate_configs(kernel, D, _gpu_capability(), dtype.itemsize)):
                     for mode in modes:
                         name = f"{_config_id(kernel, D, config)}-{str(dtype)[6:]}-{mode}"
                         cases.append(pytest.param(kernel, D, index, config, dtype, mode, id=name))
@@ -211,8 +212,11 @@ def test_candidate_on_gpu(launches, monkeypatch, kernel, D, index, config, dtype
 # ---- CPU: the harness itself, one small candidate per kernel in the interpreter -------------------
 
 def _smallest_candidate(kernel: str) -> triton.Config:
-    """The D = 64 candidate with the smallest tile: fastest in the interpreter, still a real entry."""
-    return min(common.candidate_configs(kernel, 64), key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+    """The fp32 D = 64 candidate with the smallest tile unlike the interpreter's: fastest in the
+    interpreter, still a real entry."""
+    differ = [c for c in common.candidate_configs(kernel, 64, element_size=4)
+              if _as_tuple(c)[:2] != common._INTERPRETER[kernel][:2]]  # see test_candidate_in_interpreter
+    return min(differ, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
 
 
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="runs CPU tensors in TRITON_INTERPRET=1")
@@ -277,7 +281,7 @@ def test_autotune_off_launches_the_first_candidate_once(launches, through_autotu
     q, k, v, dout = torch.randn(4, B, H, 67, 32).unbind(0)
     _forward_backward(_kernel_op, q, k, v, dout, torch.tensor([0, 5, 40]), True)
     for kernel in KERNEL_FNS:
-        first = common.candidate_configs(kernel, 32, common.device_capability(q))[0]
+        first = common.candidate_configs(kernel, 32, common.device_capability(q), q.element_size())[0]
         assert launches[kernel] == [_as_tuple(first)], f"{kernel}: benchmarked or ran another config"
 
 
@@ -288,7 +292,7 @@ def test_autotuner_tunes_each_mask_mode_separately(launches, through_autotuner, 
     monkeypatch.setenv(common.AUTOTUNE_ENV, "1")
     S, D = 67, 32
     q, k, v = torch.randn(3, 1, 1, S, D).unbind(0)
-    tuner = common.autotuned(attention_fwd_kernel, "fwd", D, common.device_capability(q))
+    tuner = common.autotuned(attention_fwd_kernel, "fwd", D, common.device_capability(q), q.element_size())
     timings = iter(range(1000))  # a growing "time" per benchmark: the first candidate wins
 
     def bench(call, quantiles):  # runs each candidate once (no GPU timer in the interpreter)

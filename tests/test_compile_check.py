@@ -59,3 +59,24 @@ def test_compile_check_refuses_interpreter_mode():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-m", "aimv2_kernels.compile_check"], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "TRITON_INTERPRET" in (out.stdout + out.stderr)
+
+
+def test_a_config_over_the_shared_memory_limit_fails():
+    """227 KiB fits an H100/H200 block but not an A100's 163 KiB: the launch would fail there."""
+    from aimv2_kernels.compile_check import CompileResult
+
+    big = 200 * 1024
+    on_a100 = CompileResult("tile", 80, registers=128, local_bytes=0, stack_bytes=0, shared_bytes=big, hot=False)
+    on_h100 = CompileResult("tile", 90, registers=128, local_bytes=0, stack_bytes=0, shared_bytes=big, hot=False)
+    assert on_a100.over_shared_limit and on_a100.failed
+    assert not on_h100.over_shared_limit and not on_h100.failed
+
+
+def test_every_attention_kernel_has_a_first_candidate_for_every_dtype_and_head_dim():
+    from aimv2_kernels.triton_kernels.attention import KERNEL_HEAD_DIMS, candidate_configs
+
+    for kernel in ("fwd", "dkdv", "dq"):
+        for head_dim in KERNEL_HEAD_DIMS:
+            for element_size in (2, 4):
+                for capability in ((8, 0), (9, 0), (8, 6)):
+                    assert candidate_configs(kernel, head_dim, capability, element_size), (kernel, head_dim, element_size)

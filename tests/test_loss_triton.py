@@ -1,12 +1,13 @@
 """The fused AIMv2 loss on the "triton" backend against the float64 reference.
 
-On the CPU the real kernels run in Triton's interpreter (fp32, fp16 and, for the patch loss, which
-has no tl.dot, bf16); `gpu`-marked tests cover bf16 and real sizes. Every test asserts that the Triton
-implementations ran, not a fallback.
+Every test runs on the `device` fixture's device: without a GPU the real kernels run in Triton's
+interpreter on CPU tensors (fp32, fp16 and, for the patch loss, which has no tl.dot, bf16), with one
+the compiled kernels run on CUDA tensors; `gpu`-marked tests add bf16 and real sizes. Every test
+asserts that the Triton implementations ran, not a fallback, and the launchers' output buffers start
+as NaN (`common.poisoned_outputs`) so an element a kernel does not write cannot pass.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import aimv2_kernels as ak
 from aimv2_kernels import backend
@@ -41,28 +42,13 @@ def spies(monkeypatch):
 
 @pytest.fixture
 def calls(spies):
-    """`spies`, with every newly allocated float tensor poisoned (NaN) so unwritten outputs show up."""
-    with PoisonEmpty():
+    """`spies`, with the Triton launchers' output buffers poisoned (NaN) so unwritten outputs show up.
+    The launchers poison their own allocations (`common.poison`): a TorchDispatchMode would see the
+    custom op as one call, never the allocations inside its body."""
+    from aimv2_kernels.triton_kernels import common
+
+    with common.poisoned_outputs():
         yield spies
-
-
-class PoisonEmpty(TorchDispatchMode):
-    """Fills every float tensor made by an empty-allocation op with NaN, so an output the kernels
-    fail to write shows up. A dispatch mode sees every allocation path (torch.empty, empty_like,
-    new_empty, empty_strided) without replacing functions in the torch namespace."""
-
-    ALLOCATIONS = (
-        torch.ops.aten.empty.memory_format,
-        torch.ops.aten.empty_like.default,
-        torch.ops.aten.new_empty.default,
-        torch.ops.aten.empty_strided.default,
-    )
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in self.ALLOCATIONS and out.is_floating_point():
-            out.fill_(float("nan"))
-        return out
 
 
 def _grads64(fn, *tensors):
@@ -75,12 +61,12 @@ def _grads64(fn, *tensors):
 
 # ---- patch MSE ---------------------------------------------------------------------------------
 
-def _mask(kind, B, N):
+def _mask(kind, B, N, device):
     if kind == "none":
         return None
     if kind == "all_false":
-        return torch.zeros(B, N, dtype=torch.bool)
-    mask = torch.rand(B, N) > 0.4
+        return torch.zeros(B, N, dtype=torch.bool, device=device)
+    mask = torch.rand(B, N, device=device) > 0.4
     mask[0] = False  # an all-False row
     mask[-1, 0] = True
     return mask
@@ -90,13 +76,13 @@ def _mask(kind, B, N):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mask_kind", ["random", "none", "all_false"])
 @pytest.mark.parametrize("norm_pix", [True, False])
-def test_patch_mse_matches_reference(calls, P, dtype, mask_kind, norm_pix):
+def test_patch_mse_matches_reference(calls, device, P, dtype, mask_kind, norm_pix):
     B, N = 3, 7
     # The caller's shift: pred = pixel_out[:, :-1], target = patches[:, 1:], both strided views.
-    pixel_out = (torch.randn(B, N + 1, P) * 2 + 0.5).to(dtype).requires_grad_()
-    patches = (torch.randn(B, N + 1, P) * 3 - 1).to(dtype)
+    pixel_out = (torch.randn(B, N + 1, P, device=device) * 2 + 0.5).to(dtype).requires_grad_()
+    patches = (torch.randn(B, N + 1, P, device=device) * 3 - 1).to(dtype)
     pred, target = pixel_out[:, :-1], patches[:, 1:]
-    mask = _mask(mask_kind, B, N)
+    mask = _mask(mask_kind, B, N, device)
     out = ak.patch_mse_loss(pred, target, mask, norm_pix=norm_pix)
     out.backward()
     expected, (dpred,) = _grads64(lambda p: ref.patch_mse_loss(p, target.double(), mask, norm_pix), pred)
@@ -111,31 +97,32 @@ def test_patch_mse_matches_reference(calls, P, dtype, mask_kind, norm_pix):
         assert pixel_out.grad[0].abs().max() == 0  # the all-False row
 
 
-def test_patch_mse_strided_last_dim_and_dloss(calls):
+def test_patch_mse_strided_last_dim_and_dloss(calls, device):
     """A non-unit stride inside the patch, and a d loss other than 1 (alpha * pixel)."""
     B, N, P = 2, 5, 48
-    pred = torch.randn(B, P, N).transpose(1, 2).requires_grad_()  # strides (P*N, 1, N)
-    target = torch.randn(N, B, P).transpose(0, 1)
-    mask = torch.rand(B, N) > 0.3
+    pred = torch.randn(B, P, N, device=device).transpose(1, 2).requires_grad_()  # strides (P*N, 1, N)
+    target = torch.randn(N, B, P, device=device).transpose(0, 1)
+    mask = torch.rand(B, N, device=device) > 0.3
     (0.4 * ak.patch_mse_loss(pred, target, mask)).backward()
     expected, (dpred,) = _grads64(lambda p: 0.4 * ref.patch_mse_loss(p, target.double(), mask), pred)
     assert calls["patch_mse_bwd"] == 1
     assert_close(pred.grad, dpred, TOLERANCE[torch.float32], "dpred")
 
 
-def test_patch_mse_runs_are_bit_identical(calls):
-    pred, target = torch.randn(4, 33, 588), torch.randn(4, 33, 588)
-    mask = torch.rand(4, 33) > 0.5
+def test_patch_mse_runs_are_bit_identical(calls, device):
+    pred, target = torch.randn(4, 33, 588, device=device), torch.randn(4, 33, 588, device=device)
+    mask = torch.rand(4, 33, device=device) > 0.5
     first = ak.patch_mse_loss(pred, target, mask)
     assert torch.equal(first, ak.patch_mse_loss(pred, target, mask))
+    assert calls["patch_mse_fwd"] == 2
 
 
-def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls):
+def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls, device):
     from aimv2_kernels.triton_kernels import common, patch_mse
 
     common._warned.discard("patch_mse_size")
     P = patch_mse.MAX_PATCH + 1
-    pred, target = torch.randn(1, 2, P), torch.randn(1, 2, P)
+    pred, target = torch.randn(1, 2, P, device=device), torch.randn(1, 2, P, device=device)
     with pytest.warns(RuntimeWarning, match="reference"):
         out = ak.patch_mse_loss(pred, target)
     assert calls["patch_mse_fwd"] == 1
@@ -144,13 +131,13 @@ def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls):
 
 # ---- linear cross-entropy ------------------------------------------------------------------------
 
-def _check_linear_ce(calls, tokens, vocab, dtype, with_bias):
+def _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias):
     D = 32
-    hidden = torch.randn(tokens, D).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, D) * 0.5).to(dtype).requires_grad_()
-    bias = torch.randn(vocab).to(dtype).requires_grad_() if with_bias else None
-    labels = torch.randint(0, vocab, (tokens,))
-    labels[torch.rand(tokens) < 0.25] = -100
+    hidden = torch.randn(tokens, D, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, D, device=device) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    labels[torch.rand(tokens, device=device) < 0.25] = -100
     if tokens > 1:
         labels[1] = -100
     out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias)
@@ -169,25 +156,25 @@ def _check_linear_ce(calls, tokens, vocab, dtype, with_bias):
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_ce_matches_reference(calls, tokens, vocab, dtype):
-    _check_linear_ce(calls, tokens, vocab, dtype, with_bias=vocab != 1000)
+def test_linear_ce_matches_reference(calls, device, tokens, vocab, dtype):
+    _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias=vocab != 1000)
 
 
 @pytest.mark.parametrize("vocab", [1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_ce_many_token_chunks(calls, monkeypatch, vocab, dtype):
+def test_linear_ce_many_token_chunks(calls, device, monkeypatch, vocab, dtype):
     """A tiny logits budget: 8 tokens per chunk at vocab 1000, 1 at 4099 (dW summed over 300 chunks)."""
     monkeypatch.setattr(linear_ce_chunks, "CHUNK_ELEMENTS", 1 << 13)
-    _check_linear_ce(calls, 300, vocab, dtype, with_bias=vocab == 1000)
+    _check_linear_ce(calls, device, 300, vocab, dtype, with_bias=vocab == 1000)
     assert calls["ce_rows_triton"] == -(-300 // linear_ce_chunks.chunk_tokens(300, vocab)) > 1
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 0])
-def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, ignore_index):
-    hidden = torch.randn(2, 5, 16, requires_grad=True)
-    weight = torch.randn(11, 16, requires_grad=True)
-    bias = torch.randn(11, requires_grad=True)
-    labels = torch.full((2, 5), ignore_index)
+def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, device, ignore_index):
+    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    weight = torch.randn(11, 16, device=device, requires_grad=True)
+    bias = torch.randn(11, device=device, requires_grad=True)
+    labels = torch.full((2, 5), ignore_index, device=device)
     out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
     out.backward()
     assert calls["ce_rows_triton"] == 1
@@ -196,10 +183,10 @@ def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, ignore_index):
         assert torch.isfinite(t.grad).all() and t.grad.abs().max() == 0
 
 
-def test_linear_ce_batched_hidden_int32_labels_and_dloss(calls):
-    hidden = torch.randn(3, 9, 24, requires_grad=True)
-    weight = torch.randn(50, 24, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 9), dtype=torch.int32)
+def test_linear_ce_batched_hidden_int32_labels_and_dloss(calls, device):
+    hidden = torch.randn(3, 9, 24, device=device, requires_grad=True)
+    weight = torch.randn(50, 24, device=device, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 9), dtype=torch.int32, device=device)
     labels[0, :4] = 7
     labels[2, 3] = -5
     out = ak.linear_cross_entropy(hidden, weight, labels, ignore_index=-5)
@@ -211,9 +198,9 @@ def test_linear_ce_batched_hidden_int32_labels_and_dloss(calls):
     assert_close(weight.grad, grads[1], TOLERANCE[torch.float32], "dweight")
 
 
-def test_linear_ce_asks_only_for_needed_gradients(calls):
-    hidden, weight = torch.randn(6, 8), torch.randn(5, 8)
-    labels = torch.tensor([0, 4, -100, 2, 2, 1])
+def test_linear_ce_asks_only_for_needed_gradients(calls, device):
+    hidden, weight = torch.randn(6, 8, device=device), torch.randn(5, 8, device=device)
+    labels = torch.tensor([0, 4, -100, 2, 2, 1], device=device)
     expected = ref.linear_cross_entropy(hidden.double(), weight.double(), labels)
     loss_only, dh, dw, db = loss.linear_ce_op(hidden, weight, labels, None, -100, False, False)
     assert dh.numel() == dw.numel() == db.numel() == 0
@@ -225,10 +212,10 @@ def test_linear_ce_asks_only_for_needed_gradients(calls):
         assert_close(ak.linear_cross_entropy(hidden, weight, labels), expected, TOLERANCE[torch.float32], "no_grad")
 
 
-def test_linear_ce_float64_uses_the_reference_rows(calls):
-    hidden = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([0, 8, -100, 3, 3, 1, 2])
+def test_linear_ce_float64_uses_the_reference_rows(calls, device):
+    hidden = torch.randn(7, 6, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([0, 8, -100, 3, 3, 1, 2], device=device)
     out = ak.linear_cross_entropy(hidden, weight, labels)
     out.backward()
     expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
@@ -238,30 +225,30 @@ def test_linear_ce_float64_uses_the_reference_rows(calls):
     assert_close(hidden.grad, grads[0], 1e-12, "dhidden")
 
 
-def test_linear_ce_rejects_out_of_range_labels(calls):
+def test_linear_ce_rejects_out_of_range_labels(calls, device):
     with pytest.raises(ValueError, match="labels"):
-        ak.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 5, 1]))
+        ak.linear_cross_entropy(torch.randn(3, 4, device=device), torch.randn(5, 4, device=device),
+                                torch.tensor([0, 5, 1], device=device))
 
 
-def test_linear_ce_refuses_double_backward(calls):
-    hidden, weight = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
-    out = ak.linear_cross_entropy(hidden, weight, torch.tensor([0, 4, 2]))
+def test_linear_ce_refuses_double_backward(calls, device):
+    hidden = torch.randn(3, 4, device=device, requires_grad=True)
+    weight = torch.randn(5, 4, device=device, requires_grad=True)
+    out = ak.linear_cross_entropy(hidden, weight, torch.tensor([0, 4, 2], device=device))
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(out, hidden, create_graph=True)
 
 
 # ---- the combined loss ---------------------------------------------------------------------------
 
-def test_aimv2_loss_matches_reference_and_compiles(spies):
-    # torch.compile refuses to trace under a user dispatch mode, so this test runs without poisoning.
-    calls = spies
+def test_aimv2_loss_matches_reference_and_compiles(calls, device):
     B, N, P, T, D, V = 2, 6, 48, 5, 16, 33
-    pixel_out = torch.randn(B, N + 1, P, requires_grad=True)
-    patches = torch.randn(B, N + 1, P)
-    mask = torch.rand(B, N) > 0.3
-    hidden = torch.randn(B, T, D, requires_grad=True)
-    weight = torch.randn(V, D, requires_grad=True)
-    labels = torch.randint(0, V, (B, T))
+    pixel_out = torch.randn(B, N + 1, P, device=device, requires_grad=True)
+    patches = torch.randn(B, N + 1, P, device=device)
+    mask = torch.rand(B, N, device=device) > 0.3
+    hidden = torch.randn(B, T, D, device=device, requires_grad=True)
+    weight = torch.randn(V, D, device=device, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), device=device)
     labels[:, -1] = -100
 
     def step(po, h, w):
@@ -282,6 +269,65 @@ def test_aimv2_loss_matches_reference_and_compiles(spies):
     torch.testing.assert_close(compiled[0], total)
     for a, b in zip(compiled_grads, grads):
         torch.testing.assert_close(a, b)
+
+
+# ---- the poison hook: an output a kernel does not write shows up --------------------------------
+
+class _DropLastProgram:
+    """Stands in for a @triton.jit kernel and launches it without the last program of grid axis 0: a
+    broken store, as a wrong grid or a wrong loop bound would make one."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        assert grid[0] > 1, "the case needs several programs, so that one can be left out"
+        return self.kernel[(grid[0] - 1, *grid[1:])]
+
+
+def _patch_mse_grad(device):
+    pred = torch.randn(4, 33, 588, device=device, requires_grad=True)
+    ak.patch_mse_loss(pred, torch.randn(4, 33, 588, device=device)).backward()
+    return pred.grad
+
+
+def _linear_ce_loss(device):
+    hidden, weight = torch.randn(37, 16, device=device), torch.randn(50, 16, device=device)
+    return ak.linear_cross_entropy(hidden, weight, torch.randint(0, 50, (37,), device=device))
+
+
+def _rms_norm_out(device):
+    return ak.rms_norm(torch.randn(16, 1024, device=device), torch.randn(1024, device=device))
+
+
+def _swiglu_out(device):
+    return ak.swiglu(torch.randn(64, 256, device=device), torch.randn(64, 256, device=device))
+
+
+BROKEN_STORES = {  # case -> (module, kernel, what runs it and returns the output to look at)
+    "patch_mse": ("patch_mse", "_patch_mse_kernel", _patch_mse_grad),
+    "linear_ce_rows": ("linear_cross_entropy", "_ce_rows_kernel", _linear_ce_loss),
+    "rms_norm_fwd": ("rms_norm", "_rms_norm_fwd_kernel", _rms_norm_out),
+    "swiglu_fwd": ("swiglu", "_swiglu_fwd_kernel", _swiglu_out),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_STORES))
+def test_poisoned_outputs_show_a_broken_store(spies, device, monkeypatch, case):
+    """With poisoning on, a kernel that leaves its last block unwritten yields NaN; the same call with
+    the intact kernel is finite. Proves the hook poisons the buffers the kernels write."""
+    import importlib
+
+    from aimv2_kernels.triton_kernels import common
+
+    module_name, kernel_name, run = BROKEN_STORES[case]
+    module = importlib.import_module(f"aimv2_kernels.triton_kernels.{module_name}")
+    with common.poisoned_outputs():
+        assert torch.isfinite(run(device)).all()
+    monkeypatch.setattr(module, kernel_name, _DropLastProgram(getattr(module, kernel_name)))
+    with common.poisoned_outputs():
+        broken = run(device)
+    assert torch.isnan(broken).any(), "the elements the broken kernel left unwritten are not NaN"
 
 
 # ---- GPU: bf16 and real sizes --------------------------------------------------------------------

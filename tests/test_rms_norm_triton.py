@@ -1,6 +1,7 @@
-"""RMSNorm Triton kernels against the float64 reference: on CPU through Triton's interpreter, on a GPU
-in bf16 at real sizes (marked `gpu`). A launch spy proves the kernels ran, so no test can pass on the
-reference fallback by accident."""
+"""RMSNorm Triton kernels against the float64 reference. Every test runs on the `device` fixture's
+device: CPU tensors through Triton's interpreter on a machine without a GPU, CUDA tensors and the
+compiled kernels on one; `gpu`-marked tests add bf16 at real sizes. A launch spy proves the kernels
+ran, so no test can pass on the reference fallback by accident."""
 import collections
 import warnings
 
@@ -100,32 +101,34 @@ def _check_against_reference(x, weight, residual, with_dstream=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("leading", LEADING)
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_rms_norm_matches_reference(launches, hidden, leading, dtype):
-    x = torch.randn(*leading, hidden).to(dtype)
-    _check_against_reference(x, torch.randn(hidden).to(dtype), None)
+def test_rms_norm_matches_reference(launches, device, hidden, leading, dtype):
+    x = torch.randn(*leading, hidden, device=device).to(dtype)
+    _check_against_reference(x, torch.randn(hidden, device=device).to(dtype), None)
     assert launches["_rms_norm_fwd_kernel"] and launches["_rms_norm_bwd_kernel"] and launches["_column_sum_kernel"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_rms_norm_without_weight(launches, hidden, dtype):
-    _check_against_reference(torch.randn(2, 5, hidden).to(dtype), None, None)
+def test_rms_norm_without_weight(launches, device, hidden, dtype):
+    _check_against_reference(torch.randn(2, 5, hidden, device=device).to(dtype), None, None)
     assert launches["_rms_norm_bwd_kernel"] and not launches["_column_sum_kernel"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_rms_norm_residual_matches_reference(launches, hidden, dtype):
-    x, residual = torch.randn(2, 3, 4, hidden).to(dtype), torch.randn(2, 3, 4, hidden).to(dtype)
-    _check_against_reference(x, torch.randn(hidden).to(dtype), residual, with_dstream=True)
+def test_rms_norm_residual_matches_reference(launches, device, hidden, dtype):
+    x, residual = (torch.randn(2, 3, 4, hidden, device=device).to(dtype) for _ in range(2))
+    _check_against_reference(x, torch.randn(hidden, device=device).to(dtype), residual, with_dstream=True)
     assert launches["_rms_norm_fwd_kernel"][0][1]["HAS_RESIDUAL"]
     assert launches["_rms_norm_bwd_kernel"][0][1]["HAS_DRES"]
 
 
-def test_fp32_weight_with_fp16_input_keeps_each_dtype():
+def test_fp32_weight_with_fp16_input_keeps_each_dtype(launches, device):
     """The autocast case: an fp32 parameter normalizing fp16 activations; dweight comes back in fp32."""
-    _check_against_reference(torch.randn(4, 6, 96).half(), torch.randn(96), None)
-    _check_against_reference(torch.randn(4, 6, 96).half(), torch.randn(96), torch.randn(4, 6, 96).half(), True)
+    x, residual, w = torch.randn(4, 6, 96, device=device).half(), torch.randn(4, 6, 96, device=device).half(), torch.randn(96, device=device)
+    _check_against_reference(x, w, None)
+    _check_against_reference(x, w, residual, True)
+    assert launches["_rms_norm_fwd_kernel"] and launches["_column_sum_kernel"]
 
 
 def _assert_read_in_place(call, tensor):
@@ -135,55 +138,54 @@ def _assert_read_in_place(call, tensor):
 
 
 @pytest.mark.parametrize("view", ["drop_last_position", "slice_hidden", "permuted_3_levels"])
-def test_strided_rows_are_read_in_place(launches, view):
+def test_strided_rows_are_read_in_place(launches, device, view):
     hidden = 40
     if view == "drop_last_position":  # x[:, :-1] of a (B, S, D) tensor: two row levels
-        x = torch.randn(3, 7, hidden)[:, :-1]
+        x = torch.randn(3, 7, hidden, device=device)[:, :-1]
     elif view == "slice_hidden":  # a slice of the last dim: row stride 45, not 40
-        x = torch.randn(4, 5, hidden + 5)[..., :hidden]
+        x = torch.randn(4, 5, hidden + 5, device=device)[..., :hidden]
     else:  # three leading dims that cannot merge
-        x = torch.randn(3, 2, 4, hidden).permute(1, 0, 2, 3)
-    weight = torch.randn(2 * hidden)[::2]  # a strided weight is fine too (copied: it is small)
+        x = torch.randn(3, 2, 4, hidden, device=device).permute(1, 0, 2, 3)
+    weight = torch.randn(2 * hidden, device=device)[::2]  # a strided weight is fine too (copied: it is small)
     _check_against_reference(x, weight, None)
     _assert_read_in_place(launches["_rms_norm_fwd_kernel"][0], x)
     residual = torch.randn_like(x)
-    _check_against_reference(x, torch.randn(hidden), residual.transpose(0, 1).contiguous().transpose(0, 1), True)
+    _check_against_reference(x, torch.randn(hidden, device=device), residual.transpose(0, 1).contiguous().transpose(0, 1), True)
 
 
-def test_four_unmergeable_leading_dims_are_copied_and_correct(launches):
-    x = torch.randn(2, 3, 2, 2, 24).permute(3, 1, 0, 2, 4)  # four leading levels: one copy
-    _check_against_reference(x, torch.randn(24), None)
+def test_four_unmergeable_leading_dims_are_copied_and_correct(launches, device):
+    x = torch.randn(2, 3, 2, 2, 24, device=device).permute(3, 1, 0, 2, 4)  # four leading levels: one copy
+    _check_against_reference(x, torch.randn(24, device=device), None)
     assert launches["_rms_norm_fwd_kernel"][0][0][0].is_contiguous()
 
 
-def test_weight_gradient_is_deterministic(launches):
-    x, w = torch.randn(64, 127), torch.randn(127)
+def test_weight_gradient_is_deterministic(launches, device):
+    x, w = torch.randn(64, 127, device=device), torch.randn(127, device=device)
     grads = []
     for _ in range(2):
         x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
-        ak.rms_norm(x_, w_).backward(torch.ones(64, 127) + x)
+        ak.rms_norm(x_, w_).backward(torch.ones(64, 127, device=device) + x)
         grads.append(w_.grad)
     n_parts = launches["_column_sum_kernel"][0][0][2]
     assert n_parts > 1, "the test needs several partial sums to reduce"
     assert torch.equal(grads[0], grads[1])
 
 
-def test_resolves_to_the_triton_implementations():
-    cpu = torch.device("cpu")
-    assert resolve("rms_norm_fwd", cpu) == ("triton", kernels.rms_norm_fwd)
-    assert resolve("rms_norm_residual_fwd", cpu) == ("triton", kernels.rms_norm_residual_fwd)
-    assert resolve("rms_norm_bwd", cpu) == ("triton", kernels.rms_norm_bwd)
+def test_resolves_to_the_triton_implementations(device):
+    assert resolve("rms_norm_fwd", device) == ("triton", kernels.rms_norm_fwd)
+    assert resolve("rms_norm_residual_fwd", device) == ("triton", kernels.rms_norm_residual_fwd)
+    assert resolve("rms_norm_bwd", device) == ("triton", kernels.rms_norm_bwd)
 
 
-def test_max_hidden_runs_the_kernel(launches):
-    x, w = torch.randn(2, kernels.MAX_HIDDEN), torch.randn(kernels.MAX_HIDDEN)
+def test_max_hidden_runs_the_kernel(launches, device):
+    x, w = torch.randn(2, kernels.MAX_HIDDEN, device=device), torch.randn(kernels.MAX_HIDDEN, device=device)
     assert_close(ak.rms_norm(x, w), ref.rms_norm(x.double(), w.double()), TOLERANCE[torch.float32], "y")
     assert launches["_rms_norm_fwd_kernel"]
 
 
-def test_wider_rows_fall_back_with_one_warning(launches, monkeypatch):
+def test_wider_rows_fall_back_with_one_warning(launches, device, monkeypatch):
     monkeypatch.setattr(common, "_warned", set())
-    x = torch.randn(2, kernels.MAX_HIDDEN + 1, requires_grad=True)
+    x = torch.randn(2, kernels.MAX_HIDDEN + 1, device=device, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="exceeds the Triton kernel's limit"):
         y = ak.rms_norm(x)
     assert_close(y, ref.rms_norm(x.double()), TOLERANCE[torch.float32], "y")
@@ -193,27 +195,29 @@ def test_wider_rows_fall_back_with_one_warning(launches, monkeypatch):
     assert not any(launches.values())
 
 
-def test_float64_and_empty_inputs(launches):
-    x = torch.randn(3, 10, dtype=torch.float64)
+def test_float64_and_empty_inputs(launches, device):
+    x = torch.randn(3, 10, dtype=torch.float64, device=device)
     assert_close(ak.rms_norm(x), ref.rms_norm(x), TOLERANCE[torch.float64], "float64")
     assert not launches["_rms_norm_fwd_kernel"]
-    empty = torch.randn(0, 4, 8, requires_grad=True)
-    y, stream = ak.rms_norm_residual(empty, empty.detach(), torch.ones(8))
+    empty = torch.randn(0, 4, 8, device=device, requires_grad=True)
+    y, stream = ak.rms_norm_residual(empty, empty.detach(), torch.ones(8, device=device))
     assert y.shape == stream.shape == (0, 4, 8)
     (y.sum() + stream.sum()).backward()
     assert empty.grad.shape == empty.shape
 
 
-def test_module_is_a_drop_in_for_torch_rms_norm():
-    theirs = torch.nn.RMSNorm(48, eps=1e-6)
+def test_module_is_a_drop_in_for_torch_rms_norm(launches, device):
+    theirs = torch.nn.RMSNorm(48, eps=1e-6, device=device)
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
-    ours = ak.nn.RMSNorm(48, eps=1e-6)
+    ours = ak.nn.RMSNorm(48, eps=1e-6).to(device)
     ours.load_state_dict(theirs.state_dict())
     assert list(ours.state_dict()) == ["weight"]
-    x = torch.randn(2, 7, 48)
+    x = torch.randn(2, 7, 48, device=device)
     assert_close(ours(x), theirs(x), TOLERANCE[torch.float32], "eps=1e-6")
-    default_theirs, default_ours = torch.nn.RMSNorm(48, elementwise_affine=False), ak.nn.RMSNorm(48, elementwise_affine=False)
+    assert launches["_rms_norm_fwd_kernel"]
+    default_theirs = torch.nn.RMSNorm(48, elementwise_affine=False, device=device)
+    default_ours = ak.nn.RMSNorm(48, elementwise_affine=False).to(device)
     assert_close(default_ours(x * 1e-3), default_theirs(x * 1e-3), TOLERANCE[torch.float32], "eps=None")
     assert list(default_ours.state_dict()) == []
 

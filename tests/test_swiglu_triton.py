@@ -1,5 +1,7 @@
-"""SwiGLU Triton kernels (separate and packed) against the float64 reference: on CPU through Triton's
-interpreter, on a GPU in bf16 at real sizes (marked `gpu`). A launch spy proves the kernels ran."""
+"""SwiGLU Triton kernels (separate and packed) against the float64 reference. Every test runs on the
+`device` fixture's device: CPU tensors through Triton's interpreter without a GPU, CUDA tensors and the
+compiled kernels with one; `gpu`-marked tests add bf16 at real sizes. A launch spy proves the kernels
+ran."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,8 +47,8 @@ def _check_against_reference(public_op, reference_op, inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("leading", LEADING)
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_swiglu_matches_reference(launches, hidden, leading, dtype):
-    gate, up = torch.randn(*leading, hidden).to(dtype), torch.randn(*leading, hidden).to(dtype)
+def test_swiglu_matches_reference(launches, device, hidden, leading, dtype):
+    gate, up = (torch.randn(*leading, hidden, device=device).to(dtype) for _ in range(2))
     _check_against_reference(ak.swiglu, ref.swiglu, (gate, up))
     assert launches["_swiglu_fwd_kernel"] and launches["_swiglu_bwd_kernel"]
 
@@ -54,8 +56,9 @@ def test_swiglu_matches_reference(launches, hidden, leading, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("leading", LEADING)
 @pytest.mark.parametrize("hidden", HIDDEN)
-def test_swiglu_packed_matches_reference(launches, hidden, leading, dtype):
-    _check_against_reference(ak.swiglu_packed, ref.swiglu_packed, (torch.randn(*leading, 2 * hidden).to(dtype),))
+def test_swiglu_packed_matches_reference(launches, device, hidden, leading, dtype):
+    x = torch.randn(*leading, 2 * hidden, device=device).to(dtype)
+    _check_against_reference(ak.swiglu_packed, ref.swiglu_packed, (x,))
     assert launches["_swiglu_fwd_kernel"] and launches["_swiglu_bwd_kernel"]
 
 
@@ -63,10 +66,10 @@ def _data_ptr_offset(a, b):
     return (a.data_ptr() - b.data_ptr()) // b.element_size()
 
 
-def test_packed_halves_are_views_of_one_tensor(launches):
+def test_packed_halves_are_views_of_one_tensor(launches, device):
     """Forward reads both halves of x in place; backward writes both halves of one dx."""
     hidden = 24
-    x = torch.randn(3, 5, 2 * hidden + 6)[:, 1:, : 2 * hidden]  # strided rows as well
+    x = torch.randn(3, 5, 2 * hidden + 6, device=device)[:, 1:, : 2 * hidden]  # strided rows as well
     _check_against_reference(ak.swiglu_packed, ref.swiglu_packed, (x,))
     gate_arg, up_arg = launches["_swiglu_fwd_kernel"][0][0][:2]
     assert gate_arg.data_ptr() == x.data_ptr() and _data_ptr_offset(up_arg, x) == hidden
@@ -75,50 +78,51 @@ def test_packed_halves_are_views_of_one_tensor(launches):
 
 
 @pytest.mark.parametrize("view", ["drop_last_position", "slice_hidden", "permuted_3_levels"])
-def test_strided_rows_are_read_in_place(launches, view):
+def test_strided_rows_are_read_in_place(launches, device, view):
     hidden = 40
     if view == "drop_last_position":
-        gate = torch.randn(3, 7, hidden)[:, :-1]
+        gate = torch.randn(3, 7, hidden, device=device)[:, :-1]
     elif view == "slice_hidden":
-        gate = torch.randn(4, 5, hidden + 5)[..., :hidden]
+        gate = torch.randn(4, 5, hidden + 5, device=device)[..., :hidden]
     else:
-        gate = torch.randn(3, 2, 4, hidden).permute(1, 0, 2, 3)
-    up = torch.randn(gate.shape).transpose(0, 1).contiguous().transpose(0, 1)  # other strides than gate
+        gate = torch.randn(3, 2, 4, hidden, device=device).permute(1, 0, 2, 3)
+    up = torch.randn(gate.shape, device=device).transpose(0, 1).contiguous().transpose(0, 1)  # other strides than gate
     _check_against_reference(ak.swiglu, ref.swiglu, (gate, up))
     args = launches["_swiglu_fwd_kernel"][0][0]
     assert args[0].data_ptr() == gate.data_ptr() and args[0].stride() == gate.stride()
     assert args[1].data_ptr() == up.data_ptr() and args[1].stride() == up.stride()
 
 
-def test_any_hidden_size_runs_the_kernel(launches):
+def test_any_hidden_size_runs_the_kernel(launches, device):
     """Elementwise tiles have no width limit: 20000 columns need no fallback."""
-    _check_against_reference(ak.swiglu, ref.swiglu, (torch.randn(2, 20000), torch.randn(2, 20000)))
+    gate, up = torch.randn(2, 20000, device=device), torch.randn(2, 20000, device=device)
+    _check_against_reference(ak.swiglu, ref.swiglu, (gate, up))
     assert launches["_swiglu_fwd_kernel"]
 
 
-def test_float64_and_empty_inputs(launches):
-    g, u = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+def test_float64_and_empty_inputs(launches, device):
+    g, u = (torch.randn(3, 10, dtype=torch.float64, device=device) for _ in range(2))
     assert_close(ak.swiglu(g, u), ref.swiglu(g, u), TOLERANCE[torch.float64], "float64")
     assert not launches["_swiglu_fwd_kernel"]
-    empty = torch.randn(0, 4, 16, requires_grad=True)
+    empty = torch.randn(0, 4, 16, device=device, requires_grad=True)
     out = ak.swiglu_packed(empty)
     assert out.shape == (0, 4, 8)
     out.sum().backward()
     assert empty.grad.shape == empty.shape
 
 
-def test_resolves_to_the_triton_implementations():
-    cpu = torch.device("cpu")
+def test_resolves_to_the_triton_implementations(device):
     for name in ("swiglu_fwd", "swiglu_bwd", "swiglu_packed_fwd", "swiglu_packed_bwd"):
-        assert resolve(name, cpu) == ("triton", getattr(kernels, name))
+        assert resolve(name, device) == ("triton", getattr(kernels, name))
 
 
-def test_module_keys_and_output():
-    mlp = ak.nn.SwiGLU(32, 88)
+def test_module_keys_and_output(launches, device):
+    mlp = ak.nn.SwiGLU(32, 88).to(device)
     assert list(mlp.state_dict()) == ["fc1.weight", "fc3.weight", "fc2.weight"]
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     eager = mlp.fc2(F.silu(mlp.fc1(x)) * mlp.fc3(x))
     assert_close(mlp(x), eager, 3e-5, "module")
+    assert launches["_swiglu_fwd_kernel"]
 
 
 # ---- GPU: bf16 and real sizes ------------------------------------------------------------------

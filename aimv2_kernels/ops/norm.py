@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import reference as ref
 from ..backend import register, resolve
 from .autograd import register_autograd
-from ..validation import check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
+from ..validation import check_positive_float, check_same_device, check_shape, check_tensor
 
 # ---- "torch" backend: reference forward, analytic backward ----------------------------------------
 
@@ -51,23 +51,27 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("aimv2_kernels::rms_norm_residual", mutates_args=())
 def rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (normalized x + residual, x + residual, rstd)."""
+    """Returns (normalized x + residual in x's dtype, x + residual in residual's dtype, rstd)."""
     kernel = resolve("rms_norm_residual_fwd", x.device)[1]
     return kernel(x, residual, weight, eps)
 
 
 @rms_norm_residual_op.register_fake
 def _(x, residual, weight, eps):
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # y in the update's dtype, the stream (and so rstd's precision) in the residual's: see the torch kernel
+    cdt = torch.float64 if residual.dtype == torch.float64 else torch.float32
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return y, torch.empty_like(y), x.new_empty(x.shape[:-1], dtype=cdt)
+    stream = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    return y, stream, x.new_empty(x.shape[:-1], dtype=cdt)
 
 
 @register("rms_norm_residual_fwd", "torch")
 def _rms_norm_residual_fwd_torch(x, residual, weight, eps):
-    stream = (x + residual).contiguous()
+    """x (the update) plus residual (the stream, x's dtype or a wider float32) in the residual's dtype,
+    then normalized; returns (y in x's dtype, stream, rstd), all contiguous."""
+    stream = (residual + x).to(residual.dtype).contiguous()  # a bf16 + fp32 add runs in fp32
     y, rstd = _rms_norm_fwd_torch(stream, weight, eps)
-    return y, stream, rstd
+    return y.to(x.dtype), stream, rstd
 
 
 @torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())
@@ -96,13 +100,16 @@ def _norm_backward(ctx, dy, _drstd):
 
 def _setup_norm_residual(ctx, inputs, output):
     weight = inputs[2]
+    ctx.update_dtype = inputs[0].dtype
     ctx.save_for_backward(output[1], weight, output[2])
 
 
 def _norm_residual_backward(ctx, dy, dstream, _drstd):
+    """x and residual get the same gradient (both are added into the stream): computed once in the
+    stream's dtype for the residual, and rounded to x's dtype for x (no copy when they agree)."""
     stream, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_backward_op(dy, stream, weight, rstd, dstream)
-    return dx, dx, (dw if weight is not None else None), None
+    dresidual, dw = rms_norm_backward_op(dy, stream, weight, rstd, dstream)
+    return dresidual.to(ctx.update_dtype), dresidual, (dw if weight is not None else None), None
 
 
 register_autograd(rms_norm_op, _norm_backward, _setup_norm)
@@ -130,12 +137,31 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> T
     return rms_norm_op(x, weight, eps)[0]
 
 
+_STREAM_WIDER_THAN = (torch.float16, torch.bfloat16)  # updates that may go into a float32 stream
+
+
+def _check_stream_dtype(x: Tensor, residual: Tensor) -> None:
+    """residual has x's dtype, or is a float32 stream taking a 16-bit update."""
+    if residual.dtype == x.dtype or (residual.dtype == torch.float32 and x.dtype in _STREAM_WIDER_THAN):
+        return
+    name = lambda t: str(t.dtype).replace("torch.", "")  # noqa: E731
+    raise TypeError(f"residual has dtype {name(residual)} but x has {name(x)}; expected x's dtype, or float32 "
+                    f"(a residual stream wider than the update) when x is float16 or bfloat16")
+
+
 def rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's add-then-normalize."""
+    """(rms_norm(x + residual), x + residual) in one pass: a pre-norm block's add-then-normalize.
+
+    x is the update (e.g. an attention or MLP output), residual the stream it joins; same shape.
+    Dtypes: residual has x's dtype, or is float32 while x is float16/bfloat16 (the residual-in-fp32
+    design: under bf16 autocast the stream stays float32 while the matmul outputs are bf16). The add
+    is done in float32, the stream comes back in the residual's dtype and y in x's dtype. Gradients
+    come back in the dtype of their input (dx, dresidual, dweight).
+    """
     eps = _check_norm_inputs(x, weight, eps)
     check_tensor("residual", residual)
     check_shape("residual", residual, tuple(x.shape), "the shape of x")
     check_same_device("x", x, residual=residual)
-    check_same_dtype("x", x, residual=residual)
+    _check_stream_dtype(x, residual)
     y, stream, _ = rms_norm_residual_op(x, residual, weight, eps)
     return y, stream

@@ -63,10 +63,23 @@ def visible_prefix(PREFIX, off_b, S, HAS_PREFIX: tl.constexpr, CAUSAL: tl.conste
 
 
 @triton.jit
-def load_rows(base, stride, rows, offs_d, S, MASKED: tl.constexpr):
-    """(len(rows), D) tile of one head's (S, D) matrix with row stride `stride`. MASKED bounds-checks
-    rows against S (zeros past the end); unmasked loads are for tiles known to lie inside S."""
-    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+def row_ptrs(base, stride, rows, offs_d, LONG_ROWS: tl.constexpr):
+    """(len(rows), D) pointers to rows `rows` of one head's (S, D) matrix with row stride `stride`.
+    LONG_ROWS (set by the launcher when S x stride can pass 2^31: long packed or varlen sequences of
+    a wide projection) computes rows * stride in int64; otherwise it stays int32, as widening every
+    row's offset cost up to 25 registers per thread and spilled on sm_80."""
+    if LONG_ROWS:
+        offsets = rows.to(tl.int64)[:, None] * stride
+    else:
+        offsets = rows[:, None] * stride
+    return base + offsets + offs_d[None, :]
+
+
+@triton.jit
+def load_rows(base, stride, rows, offs_d, S, MASKED: tl.constexpr, LONG_ROWS: tl.constexpr):
+    """(len(rows), D) tile of one head's (S, D) matrix (see `row_ptrs`). MASKED bounds-checks rows
+    against S (zeros past the end); unmasked loads are for tiles known to lie inside S."""
+    ptrs = row_ptrs(base, stride, rows, offs_d, LONG_ROWS)
     if MASKED:
         tile = tl.load(ptrs, mask=rows[:, None] < S, other=0.0)
     else:
@@ -166,17 +179,40 @@ _CANDIDATES = {
         256: [(32, 32, 4, 2), (64, 32, 8, 2)],
     },
 }
+# float32 inputs take twice the shared memory per tile: their own, smaller sets. Every first entry
+# fits the 163 KiB per block of sm_80 (compile_check fails a first candidate that does not); shared
+# bytes on sm_80 at D = 64 / 128 / 256: fwd 41 / 74 / 103 KiB, dK/dV 37 / 70 / 100, dQ 37 / 70 / 135.
+_CANDIDATES_FP32 = {
+    "fwd": {
+        32: [(64, 32, 4, 2), (32, 32, 4, 2)],
+        64: [(64, 32, 4, 2), (64, 64, 4, 2)],
+        128: [(64, 32, 4, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 4, 2), (64, 32, 4, 1)],
+    },
+    "dkdv": {
+        64: [(32, 32, 8, 2), (32, 64, 8, 2)],
+        128: [(32, 32, 8, 2), (16, 32, 4, 2)],
+        256: [(16, 32, 4, 2), (32, 32, 4, 1)],
+    },
+    "dq": {
+        64: [(32, 32, 4, 2), (64, 32, 4, 2)],
+        128: [(32, 32, 4, 2), (64, 32, 4, 2)],
+        256: [(32, 32, 4, 2), (32, 32, 4, 1)],
+    },
+}
 # The interpreter runs one fixed small config (fast on CPU); tiles are deliberately not square so the
 # tests exercise BLOCK_M != BLOCK_N in both directions, as the GPU configs do.
 _INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
 PREPROCESS_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) kernel
 
 
-def candidate_configs(kernel: str, head_dim: int, capability: tuple[int, int] = (9, 0)) -> list[triton.Config]:
-    """The autotuning set of `kernel` ("fwd", "dkdv", "dq") for a head dim on a device capability."""
+def candidate_configs(kernel: str, head_dim: int, capability: tuple[int, int] = (9, 0),
+                      element_size: int = 2) -> list[triton.Config]:
+    """The autotuning set of `kernel` ("fwd", "dkdv", "dq") for a head dim, a device capability and
+    the inputs' element size (2: fp16/bf16, 4: fp32)."""
     big_smem = capability in ((8, 0), (9, 0), (10, 0))
     configs = []
-    table = _CANDIDATES[kernel]
+    table = (_CANDIDATES_FP32 if element_size == 4 else _CANDIDATES)[kernel]
     for block_m, block_n, warps, stages in table[min(d for d in table if d >= head_dim)]:
         stages = stages if big_smem else min(stages, 2)
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
@@ -190,15 +226,21 @@ def aligned_args(signature: dict[str, str]) -> tuple[str, ...]:
 
 
 def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int, case: str, has_prefix: bool,
-                  config: triton.Config, hot: bool) -> KernelConfig:
-    """A compile-check entry for one of the tiled kernels (bf16, causal) at one autotuning config."""
+                  config: triton.Config, hot: bool, long_rows: bool = False, dtype: str = "bf16") -> KernelConfig:
+    """A compile-check entry for one of the tiled kernels (causal) at one autotuning config; the
+    signature's pointers must be of `dtype` ("bf16", or "fp32" with exact dots); long_rows: int64
+    row offsets (S x stride past 2^31), AIMv2 sizes use int32."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION="tf32")
+    constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows)
     if not has_prefix:
         constexprs["PREFIX"] = None
-    label = f"{name} D={head_dim} bf16 {case} {bm}x{bn} w{config.num_warps} s{config.num_stages}"
+    label = f"{name} D={head_dim} {dtype} {case} {bm}x{bn} w{config.num_warps} s{config.num_stages}"
     return KernelConfig(label, kernel_fn, signature, constexprs, config.num_warps, config.num_stages,
                         hot=hot, divisible_by_16=aligned_args(signature))
+
+
+FP32_HEAD_DIMS = (32, 64, 128, 256)  # fp32 compile-check entries: the first candidate must fit
 
 
 # AIMv2 uses: encoder (S=256, per-sample prefix) and decoder (S=334, plain causal), head dim 128; 64 too.
@@ -231,16 +273,16 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").strip() != "0"
 
 
-def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int]):
-    """`kernel_fn` wrapped in an autotuner over its candidate set, one per (head dim, device class) and
-    tuning switch; with AIMV2_KERNELS_AUTOTUNE=0 the set is only the first candidate, which
-    triton.autotune launches without benchmarking."""
-    return _autotuner(kernel_fn, kernel, head_dim, capability, autotune_enabled())
+def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], element_size: int = 2):
+    """`kernel_fn` wrapped in an autotuner over its candidate set, one per (head dim, device class,
+    element size) and tuning switch; with AIMV2_KERNELS_AUTOTUNE=0 the set is only the first
+    candidate, which triton.autotune launches without benchmarking."""
+    return _autotuner(kernel_fn, kernel, head_dim, capability, element_size, autotune_enabled())
 
 
 @functools.cache
-def _autotuner(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], tune: bool):
-    configs = candidate_configs(kernel, head_dim, capability)
+def _autotuner(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], element_size: int, tune: bool):
+    configs = candidate_configs(kernel, head_dim, capability, element_size)
     return triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY)(kernel_fn)
 
 
@@ -287,7 +329,7 @@ def launch(kernel_fn, kernel: str, grid: Callable[[dict], tuple[int, ...]], t: t
     if config is not None:
         kernel_fn[grid(config)](*args, **meta, **config)
     else:
-        autotuned(kernel_fn, kernel, meta["HEAD_DIM"], device_capability(t))[grid](*args, **meta)
+        autotuned(kernel_fn, kernel, meta["HEAD_DIM"], device_capability(t), t.element_size())[grid](*args, **meta)
 
 
 # ---- host helpers --------------------------------------------------------------------------------
@@ -314,10 +356,29 @@ def warn_fallback_once(reason: str) -> None:
     warnings.warn(f"aimv2_kernels: Triton attention does not support {reason}; running the PyTorch reference", RuntimeWarning, stacklevel=3)
 
 
+def prefix_argument(prefix_len: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """The kernels' PREFIX: None unless causal with a prefix, else the (B,) lengths made contiguous.
+    The kernels read PREFIX[b] by element index, and a caller's prefix may be any view (a slice
+    `t[::2]`, a scalar expanded to (B,)): copying B integers (nothing when already contiguous) is
+    simpler than threading a stride through every kernel's prefix read."""
+    if not causal or prefix_len is None:
+        return None
+    return prefix_len.contiguous()
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels address the last dim with stride 1. Inputs are validated for it; gradients coming
     from autograd may not be (e.g. an expanded dO from `out.sum().backward()`), so those are copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+MAX_BLOCK_ROWS = 256  # no tile is taller; masked rows past S still get (unused) addresses
+
+
+def long_rows(S: int, *tensors: torch.Tensor) -> bool:
+    """LONG_ROWS for kernels addressing rows of these (B, H, S, D) tensors: whether row * stride can
+    pass int32 for a row the kernels compute an address for (up to S + a tile)."""
+    return (S + MAX_BLOCK_ROWS) * max(abs(t.stride(2)) for t in tensors) >= 2**31
 
 
 def device_capability(t: torch.Tensor) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops import attention as attention_ops
 from .attention import (
+    FP32_HEAD_DIMS,
     AIMV2_CASES,
     aligned_args,
     LOG2E,
@@ -31,7 +32,10 @@ from .attention import (
     kernel_config,
     launch,
     load_rows,
+    long_rows,
+    prefix_argument,
     program_coords,
+    row_ptrs,
     key_ranges,
     query_ranges,
     s_bucket,
@@ -40,7 +44,7 @@ from .attention import (
     visibility,
     warn_fallback_once,
 )
-from .common import device_context
+from .common import device_context, poison
 
 
 @triton.jit
@@ -51,12 +55,13 @@ def attention_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dos,
     H, S,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
 ):
     off_bh, off_b, off_h, m0, _ = program_coords(None, S, H, BLOCK_M, False, False, False)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    o = load_rows(O + off_b * stride_ob + off_h * stride_oh, stride_os, offs_m, offs_d, S, True)  # (BLOCK_M, D)
-    do = load_rows(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, offs_m, offs_d, S, True)
+    o = load_rows(O + off_b * stride_ob + off_h * stride_oh, stride_os, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
+    do = load_rows(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, offs_m, offs_d, S, True, LONG_ROWS)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
@@ -64,7 +69,8 @@ def attention_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
                      offs_n, offs_d, start, end, prefix, S, qk_scale,
-                     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     LONG_ROWS: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end). Works in the
     transposed orientation (keys x queries) so the accumulators need no transpose. Query rows past S
     load as zeros (q = dO = 0), so they add nothing even unmasked."""
@@ -73,8 +79,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0  # (BLOCK_M,) query positions
         row_ok = offs_m < S
-        q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True)  # (BLOCK_M, D)
-        do = load_rows(do_base, stride_dos, offs_m, offs_d, S, True)
+        q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
+        do = load_rows(do_base, stride_dos, offs_m, offs_d, S, True, LONG_ROWS)
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * LOG2E_DEVICE  # (BLOCK_M,), log2 units
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -106,6 +112,7 @@ def attention_bwd_dkdv_kernel(
     qk_scale,  # sm_scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
 ):
     # Key blocks in natural order: the early ones, seen by the most queries, start first.
     off_bh, off_b64, off_h64, n0, prefix = program_coords(PREFIX, S, H, BLOCK_N, False, HAS_PREFIX, CAUSAL)
@@ -117,19 +124,19 @@ def attention_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n[:, None] < S
-    k = load_rows(K + off_b64 * stride_kb + off_h64 * stride_kh, stride_ks, offs_n, offs_d, S, True)  # (BLOCK_N, D)
-    v = load_rows(V + off_b64 * stride_vb + off_h64 * stride_vh, stride_vs, offs_n, offs_d, S, True)
+    k = load_rows(K + off_b64 * stride_kb + off_h64 * stride_kh, stride_ks, offs_n, offs_d, S, True, LONG_ROWS)  # (BLOCK_N, D)
+    v = load_rows(V + off_b64 * stride_vb + off_h64 * stride_vh, stride_vs, offs_n, offs_d, S, True, LONG_ROWS)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     lo, full_start = query_ranges(n0, prefix, S, BLOCK_M, BLOCK_N)
     dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, offs_n, offs_d,
-                              lo, tl.minimum(full_start, S), prefix, S, qk_scale, True, BLOCK_M, DOT_PRECISION)
+                              lo, tl.minimum(full_start, S), prefix, S, qk_scale, True, BLOCK_M, DOT_PRECISION, LONG_ROWS)
     dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos, offs_n, offs_d,
-                              full_start, S, prefix, S, qk_scale, False, BLOCK_M, DOT_PRECISION)
+                              full_start, S, prefix, S, qk_scale, False, BLOCK_M, DOT_PRECISION, LONG_ROWS)
 
-    dk_ptrs = DK + off_b64 * stride_dkb + off_h64 * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + off_b64 * stride_dvb + off_h64 * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+    dk_ptrs = row_ptrs(DK + off_b64 * stride_dkb + off_h64 * stride_dkh, stride_dks, offs_n, offs_d, LONG_ROWS)
+    dv_ptrs = row_ptrs(DV + off_b64 * stride_dvb + off_h64 * stride_dvh, stride_dvs, offs_n, offs_d, LONG_ROWS)
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -137,15 +144,15 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_key_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
                  prefix, S, qk_scale,
-                 MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LONG_ROWS: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) of one query tile over key blocks [start, end); MASKED=False only
     for blocks inside S visible to the whole tile (as in the forward)."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n0  # (BLOCK_N,) key positions
-        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED)  # (BLOCK_N, D)
-        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED)
+        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED, LONG_ROWS)  # (BLOCK_N, D)
+        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED, LONG_ROWS)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -173,6 +180,7 @@ def attention_bwd_dq_kernel(
     qk_scale,  # sm_scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
 ):
     off_bh, off_b64, off_h64, m0, prefix = program_coords(PREFIX, S, H, BLOCK_M, True, HAS_PREFIX, CAUSAL)
     k_base = K + off_b64 * stride_kb + off_h64 * stride_kh
@@ -181,40 +189,44 @@ def attention_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S
-    q = load_rows(Q + off_b64 * stride_qb + off_h64 * stride_qh, stride_qs, offs_m, offs_d, S, True)  # (BLOCK_M, D)
-    do = load_rows(DO + off_b64 * stride_dob + off_h64 * stride_doh, stride_dos, offs_m, offs_d, S, True)
+    q = load_rows(Q + off_b64 * stride_qb + off_h64 * stride_qh, stride_qs, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
+    do = load_rows(DO + off_b64 * stride_dob + off_h64 * stride_doh, stride_dos, offs_m, offs_d, S, True, LONG_ROWS)
     lse2 = tl.load(LSE + off_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * LOG2E_DEVICE
     delta = tl.load(DELTA + off_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_end, hi = key_ranges(m0, prefix, S, BLOCK_M, BLOCK_N)
     dq = _dq_key_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                      0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION)
+                      0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION, LONG_ROWS)
     dq = _dq_key_loop(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                      full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION)
-    dq_ptrs = DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
+                      full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION, LONG_ROWS)
+    dq_ptrs = row_ptrs(DQ + off_b64 * stride_dqb + off_h64 * stride_dqh, stride_dqs, offs_m, offs_d, LONG_ROWS)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 
-def attention_backward(dout, q, k, v, out, lse, prefix_len, causal: bool, scale: float):
-    """-> (dq, dk, dv), each allocated like its input (torch.empty_like, as the op's fake kernel)."""
+def attention_backward(dout, q, k, v, out, lse, prefix_len, causal: bool, scale: float, grads=None):
+    """-> (dq, dk, dv): written into `grads` when given (views of one packed buffer, any strides with a
+    unit last stride), else allocated like the inputs (empty_grads, as the op's fake kernel)."""
     B, H, S, D = q.shape
     dout, out = unit_last_stride(dout), unit_last_stride(out)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = attention_ops.empty_grads(q, k, v) if grads is None else grads
     delta = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    has_prefix = causal and prefix_len is not None
-    prefix = prefix_len if has_prefix else None
+    poison(dq, dk, dv, delta)
+    prefix = prefix_argument(prefix_len, causal)
+    has_prefix = prefix is not None
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     common = (H, S, s_bucket(S), scale, scale * LOG2E)
-    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype))
+    long_offsets = long_rows(S, q, k, v, dout, out, dq, dk, dv)
+    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype), LONG_ROWS=long_offsets)
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, prefix, *strides, *dk.stride()[:3], *dv.stride()[:3], *common)
     dq_args = (q, k, v, dout, lse, delta, dq, prefix, *strides, *dq.stride()[:3], *common)
     with device_context(q):
         attention_bwd_preprocess_kernel[(B * H * triton.cdiv(S, PREPROCESS_BLOCK_M),)](
-            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, S, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M)
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, S, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M,
+            LONG_ROWS=long_offsets)
         # dK/dV: one program per key block; dQ: one per query tile.
         launch(attention_bwd_dkdv_kernel, "dkdv", lambda c: (B * H * triton.cdiv(S, c["BLOCK_N"]),), q, dkdv_args, meta)
         launch(attention_bwd_dq_kernel, "dq", lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),), q, dq_args, meta)
@@ -222,12 +234,12 @@ def attention_backward(dout, q, k, v, out, lse, prefix_len, causal: bool, scale:
 
 
 @register("attention_bwd", "triton")
-def _attention_bwd_triton(dout, q, k, v, out, lse, prefix_len, causal, scale):
+def _attention_bwd_triton(dout, q, k, v, out, lse, prefix_len, causal, scale, grads=None):
     reason = unsupported_reason(q)
     if reason is not None:
         warn_fallback_once(reason)
-        return attention_ops._attention_bwd_torch(dout, q, k, v, out, lse, prefix_len, causal, scale)
-    return attention_backward(dout, q, k, v, out, lse, prefix_len, causal, scale)
+        return attention_ops._attention_bwd_torch(dout, q, k, v, out, lse, prefix_len, causal, scale, grads)
+    return attention_backward(dout, q, k, v, out, lse, prefix_len, causal, scale, grads)
 
 
 # ---- compile check -------------------------------------------------------------------------------
@@ -236,32 +248,40 @@ def _signature(kernel: str, dtype: str, has_prefix: bool) -> dict[str, str]:
     if kernel == "preprocess":
         sig = {"O": dtype, "DO": dtype, "DELTA": "*fp32"}
         sig.update({f"stride_{t}{d}": "i32" for t in ("o", "do") for d in "bhs"})
-        return {**sig, "H": "i32", "S": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"}
+        return {**sig, "H": "i32", "S": "i32", "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "LONG_ROWS": "constexpr"}
     outputs = ("DK", "DV") if kernel == "dkdv" else ("DQ",)
     sig = {"Q": dtype, "K": dtype, "V": dtype, "DO": dtype, "LSE": "*fp32", "DELTA": "*fp32"}
     sig.update({name: dtype for name in outputs})
     sig["PREFIX"] = "*i32" if has_prefix else "constexpr"
     sig.update({f"stride_{t}{d}": "i32" for t in ("q", "k", "v", "do", *(o.lower() for o in outputs)) for d in "bhs"})
     sig.update({"H": "i32", "S": "i32", "S_BUCKET": "i32", "sm_scale": "fp32", "qk_scale": "fp32"})
-    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION")})
+    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS")})
     return sig
 
 
 def compile_configs() -> list[KernelConfig]:
     """Every candidate the autotuner may pick on sm_80/sm_90 at AIMv2 sizes (hot), the first
-    candidate of the other supported head dims (must compile; spills tolerated), and the preprocess."""
+    candidate of the other supported head dims and of int64 row offsets (must compile; spills
+    tolerated), and the preprocess."""
     sig = _signature("preprocess", "*bf16", False)
     configs = [
-        KernelConfig(f"attention_bwd_preprocess D={d} bf16", attention_bwd_preprocess_kernel, sig,
-                     {"HEAD_DIM": d, "BLOCK_M": PREPROCESS_BLOCK_M}, divisible_by_16=aligned_args(sig))
-        for d in (128, 64)
+        KernelConfig(f"attention_bwd_preprocess D={d} bf16{' long rows' if long_rows else ''}",
+                     attention_bwd_preprocess_kernel, sig,
+                     {"HEAD_DIM": d, "BLOCK_M": PREPROCESS_BLOCK_M, "LONG_ROWS": long_rows},
+                     hot=not long_rows, divisible_by_16=aligned_args(sig))
+        for d, long_rows in ((128, False), (64, False), (128, True))
     ]
 
-    def entry(kernel, fn, d, case, has_prefix, config, hot):
-        return kernel_config(f"attention_bwd_{kernel}", fn, _signature(kernel, "*bf16", has_prefix), d, case, has_prefix, config, hot)
+    def entry(kernel, fn, d, case, has_prefix, config, hot, long_rows=False):
+        return kernel_config(f"attention_bwd_{kernel}", fn, _signature(kernel, "*bf16", has_prefix), d, case, has_prefix,
+                             config, hot, long_rows)
 
     for kernel, fn in (("dkdv", attention_bwd_dkdv_kernel), ("dq", attention_bwd_dq_kernel)):
         configs += [entry(kernel, fn, d, case, has_prefix, c, True)
                     for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs(kernel, d)]
         configs += [entry(kernel, fn, d, "prefix", True, candidate_configs(kernel, d)[0], False) for d in (16, 32, 256)]
+        configs.append(entry(kernel, fn, 128, "prefix long rows", True, candidate_configs(kernel, 128)[0], False, long_rows=True))
+        configs += [kernel_config(f"attention_bwd_{kernel}", fn, _signature(kernel, "*fp32", True), d, "prefix", True,
+                                  candidate_configs(kernel, d, element_size=4)[0], False, dtype="fp32")
+                    for d in FP32_HEAD_DIMS]
     return configs

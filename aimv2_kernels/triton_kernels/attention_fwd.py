@@ -16,6 +16,7 @@ from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops import attention as attention_ops
 from .attention import (
+    FP32_HEAD_DIMS,
     AIMV2_CASES,
     LN2,
     LOG2E,
@@ -25,27 +26,31 @@ from .attention import (
     key_ranges,
     launch,
     load_rows,
+    long_rows,
+    prefix_argument,
     program_coords,
+    row_ptrs,
     s_bucket,
     unsupported_reason,
     visibility,
     warn_fallback_once,
 )
-from .common import device_context
+from .common import device_context, poison
 
 
 @triton.jit
 def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
                   prefix, S, qk_scale,
-                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  LONG_ROWS: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end). MASKED=False only for
     blocks that lie inside S and are visible to every query of the tile."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BLOCK_N,) key positions
-        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED)  # (BLOCK_N, D)
-        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED)
+        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED, LONG_ROWS)  # (BLOCK_N, D)
+        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED, LONG_ROWS)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             s = tl.where(visibility(offs_m[:, None], cols[None, :], prefix), s, float("-inf"))
@@ -75,6 +80,7 @@ def attention_fwd_kernel(
     qk_scale,  # softmax scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
 ):
     off_bh, off_b64, off_h64, m0, prefix = program_coords(PREFIX, S, H, BLOCK_M, True, HAS_PREFIX, CAUSAL)
     q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
@@ -84,19 +90,19 @@ def attention_fwd_kernel(
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True)  # (BLOCK_M, D)
+    q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_end, hi = key_ranges(m0, prefix, S, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                  0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION)
+                                  0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION, LONG_ROWS)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                  full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION)
+                                  full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION, LONG_ROWS)
 
     out = acc / l_i[:, None]
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    tl.store(row_ptrs(o_base, stride_os, offs_m, offs_d, LONG_ROWS), out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
     lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log for the caller and the backward
     tl.store(LSE + off_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
@@ -108,13 +114,16 @@ def attention_forward(q, k, v, prefix_len, causal: bool, scale: float):
     B, H, S, D = q.shape
     out = attention_ops.empty_bshd_output(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    has_prefix = causal and prefix_len is not None
+    poison(out, lse)
+    prefix = prefix_argument(prefix_len, causal)
+    has_prefix = prefix is not None
     args = (
-        q, k, v, out, lse, prefix_len if has_prefix else None,
+        q, k, v, out, lse, prefix,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         H, S, s_bucket(S), scale * LOG2E,
     )
-    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype))
+    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype),
+                LONG_ROWS=long_rows(S, q, k, v, out))
     with device_context(q):
         launch(attention_fwd_kernel, "fwd", lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),), q, args, meta)
     return out, lse
@@ -136,15 +145,20 @@ def _signature(dtype: str, has_prefix: bool) -> dict[str, str]:
     for t in "qkvo":
         sig.update({f"stride_{t}b": "i32", f"stride_{t}h": "i32", f"stride_{t}s": "i32"})
     sig.update({"H": "i32", "S": "i32", "S_BUCKET": "i32", "qk_scale": "fp32"})
-    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION")})
+    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS")})
     return sig
 
 
 def compile_configs() -> list[KernelConfig]:
     """Every candidate the autotuner may pick on sm_80/sm_90 at AIMv2 sizes (hot), and the first
-    candidate of the other supported head dims (must compile; spills tolerated)."""
-    def entry(d, case, has_prefix, config, hot):
-        return kernel_config("attention_fwd", attention_fwd_kernel, _signature("*bf16", has_prefix), d, case, has_prefix, config, hot)
+    candidate of the other supported head dims and of int64 row offsets (must compile; spills
+    tolerated)."""
+    def entry(d, case, has_prefix, config, hot, long_rows=False):
+        return kernel_config("attention_fwd", attention_fwd_kernel, _signature("*bf16", has_prefix), d, case, has_prefix,
+                             config, hot, long_rows)
 
     configs = [entry(d, case, has_prefix, c, True) for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs("fwd", d)]
-    return configs + [entry(d, "prefix", True, candidate_configs("fwd", d)[0], False) for d in (16, 32, 256)]
+    configs += [entry(d, "prefix", True, candidate_configs("fwd", d)[0], False) for d in (16, 32, 256)]
+    configs += [kernel_config("attention_fwd", attention_fwd_kernel, _signature("*fp32", True), d, "prefix", True,
+                              candidate_configs("fwd", d, element_size=4)[0], False, dtype="fp32") for d in FP32_HEAD_DIMS]
+    return configs + [entry(128, "prefix long rows", True, candidate_configs("fwd", 128)[0], False, long_rows=True)]

@@ -24,16 +24,23 @@ import triton.language as tl
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.linear_ce_chunks import ce_rows_torch, chunk_tokens, linear_ce_chunked
-from .common import device_context
+from .common import device_context, poison
 
 _MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def _load_bias(bias_ptr, stride_bias, idx, mask):
+    """bias[idx] in fp32 (0 where masked) through its stride; int64 offsets, as a strided bias may be
+    a column of a wide matrix (V x stride past 2^31)."""
+    return tl.load(bias_ptr + idx.to(tl.int64) * stride_bias, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _ce_rows_kernel(
     logits_ptr, stride_logits,  # (c, V) fp32 logits of the chunk, row stride
-    bias_ptr,  # (V,) bias (any float dtype), unused unless HAS_BIAS
-    labels_ptr,  # (c,) int32/int64
+    bias_ptr, stride_bias,  # (V,) bias (any float dtype), any stride (a slice; 0: expanded); unused unless HAS_BIAS
+    labels_ptr, stride_labels,  # (c,) int32/int64, any stride (labels[:, ::2] flattens to a strided view)
     scale_ptr,  # () fp32: 1 / max(n_counted, 1)
     loss_ptr,  # (c,) fp32 out: per-token CE, 0 where ignored
     dlogits_ptr, stride_dlogits,  # (c, V) out (GEMM dtype), may alias logits_ptr; unused unless WRITE_GRAD
@@ -42,7 +49,7 @@ def _ce_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_logits
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    label = tl.load(labels_ptr + row * stride_labels).to(tl.int64)
     counted = label != ignore_index
     cols = tl.arange(0, BLOCK_V)
 
@@ -53,7 +60,7 @@ def _ce_rows_kernel(
         in_v = start + cols < V
         x = tl.load(x_row + start + cols, mask=in_v, other=float("-inf"))
         if HAS_BIAS:
-            x += tl.load(bias_ptr + start + cols, mask=in_v, other=0.0).to(tl.float32)
+            x += _load_bias(bias_ptr, stride_bias, start + cols, in_v)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
@@ -62,7 +69,7 @@ def _ce_rows_kernel(
     safe_label = tl.where(counted, label, 0)  # ignored rows read a valid column and discard it
     target = tl.load(x_row + safe_label)
     if HAS_BIAS:
-        target += tl.load(bias_ptr + safe_label).to(tl.float32)
+        target += _load_bias(bias_ptr, stride_bias, safe_label, True)
     tl.store(loss_ptr + row, tl.where(counted, lse - target, 0.0))
 
     if WRITE_GRAD:
@@ -73,7 +80,7 @@ def _ce_rows_kernel(
             in_v = start + cols < V
             x = tl.load(x_row + start + cols, mask=in_v, other=0.0)
             if HAS_BIAS:
-                x += tl.load(bias_ptr + start + cols, mask=in_v, other=0.0).to(tl.float32)
+                x += _load_bias(bias_ptr, stride_bias, start + cols, in_v)
             p = tl.exp(x - lse)
             p = tl.where(start + cols == label, p - 1.0, p)
             tl.store(d_row + start + cols, (p * w).to(dlogits_ptr.dtype.element_ty), mask=in_v)
@@ -94,10 +101,13 @@ def ce_rows_triton(logits, bias, labels, ignore_index, scale, loss_out, dlogits_
         return
     cfg = launch_config(V)
     write_grad = dlogits_out is not None
+    poison(loss_out, dlogits_out if write_grad and dlogits_out.data_ptr() != logits.data_ptr() else None)
     dlogits = dlogits_out if write_grad else logits
+    # bias and labels are read through their strides: the caller's views are never copied.
+    bias_arg, bias_stride = (bias, bias.stride(0)) if bias is not None else (logits, 0)
     with device_context(logits):
         _ce_rows_kernel[(c,)](
-            logits, logits.stride(0), bias if bias is not None else logits, labels, scale, loss_out,
+            logits, logits.stride(0), bias_arg, bias_stride, labels, labels.stride(0), scale, loss_out,
             dlogits, dlogits.stride(0), V, ignore_index,
             HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
         )
@@ -124,10 +134,12 @@ def compile_configs() -> list[KernelConfig]:
         configs.append(KernelConfig(
             f"linear_ce_rows V={V} bf16 {'grad' if write_grad else 'loss only'} ({rows}-token chunks)",
             _ce_rows_kernel,
-            {"logits_ptr": "*fp32", "stride_logits": "i32", "bias_ptr": "*bf16", "labels_ptr": "*i64",
+            {"logits_ptr": "*fp32", "stride_logits": "i32", "bias_ptr": "*bf16", "stride_bias": "constexpr",
+             "labels_ptr": "*i64", "stride_labels": "constexpr",
              "scale_ptr": "*fp32", "loss_ptr": "*fp32", "dlogits_ptr": "*bf16" if write_grad else "*fp32",
              "stride_dlogits": "i32", "V": "i32", "ignore_index": "i32",
              "HAS_BIAS": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"},
-            {"HAS_BIAS": False, "WRITE_GRAD": write_grad, "BLOCK_V": cfg["BLOCK_V"]},
+            # unit strides, which Triton specializes to constants (contiguous labels and bias)
+            {"stride_bias": 1, "stride_labels": 1, "HAS_BIAS": False, "WRITE_GRAD": write_grad, "BLOCK_V": cfg["BLOCK_V"]},
             num_warps=cfg["num_warps"]))
     return configs

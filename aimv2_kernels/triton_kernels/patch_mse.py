@@ -22,7 +22,7 @@ import triton.language as tl
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.loss import patch_mse_backward_torch, patch_mse_forward_torch
-from .common import device_context, warn_once
+from .common import device_context, poison, warn_once
 
 MAX_PATCH = 16384
 _TILE_ELEMENTS = 4096  # values of one tensor per program: 16 per thread at 8 warps
@@ -140,6 +140,7 @@ def patch_mse_forward(pred, target, mask, norm_pix, eps):
         return pred.new_zeros((), dtype=torch.float32)
     programs = triton.cdiv(pred.shape[0] * pred.shape[1], launch_config(pred.shape[-1])["BLOCK_R"])
     partials = torch.empty(programs, dtype=torch.float32, device=pred.device)
+    poison(partials)
     _launch(pred, target, mask, partials, partials, norm_pix, eps, backward=False)
     return partials.sum() / _n_counted(pred, mask)
 
@@ -149,6 +150,7 @@ def patch_mse_backward(dloss, pred, target, mask, norm_pix, eps):
     if _unsupported(pred):
         return patch_mse_backward_torch(dloss, pred, target, mask, norm_pix, eps)
     dpred = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+    poison(dpred)
     if dpred.numel() == 0:
         return dpred
     scale = dloss.to(torch.float32) / _n_counted(pred, mask)

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.norm import _rms_norm_bwd_torch, _rms_norm_fwd_torch, _rms_norm_residual_fwd_torch
-from .common import device_context, multiprocessor_count, row_layout, row_offsets, warn_once
+from .common import device_context, multiprocessor_count, poison, row_layout, row_offsets, warn_once
 
 MAX_HIDDEN = 16384
 FWD_TILE = 2048  # values per tile (several rows when they are small): see norm_config
@@ -35,9 +35,9 @@ BWD_PROGRAMS_PER_SM = 2  # backward programs per SM: each loops over its range o
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, R,  # inputs (rows addressed by stride); R is the residual, read when HAS_RESIDUAL
+    X, R,  # inputs (rows addressed by stride); R is the residual, read when HAS_RESIDUAL: x's dtype or wider
     W,  # (n_cols,) weight, any float dtype, read when HAS_WEIGHT
-    Y, STREAM,  # outputs, contiguous (n_rows, n_cols): normalized rows, and x + residual
+    Y, STREAM,  # outputs, contiguous (n_rows, n_cols): normalized rows (x's dtype), x + residual (R's dtype)
     RSTD,  # output (n_rows,) float32: 1 / sqrt(mean(row^2) + eps)
     n_rows, n_cols, N1, N2,  # row count, hidden size, inner leading-dim sizes
     sx0, sx1, sx2, sr0, sr1, sr2,  # leading-dim strides of X and R
@@ -53,8 +53,9 @@ def _rms_norm_fwd_kernel(
     out_offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     if HAS_RESIDUAL:
         r_ptrs = R + row_offsets(rows, N1, N2, sr0, sr1, sr2, ROW_LEVELS)[:, None] + cols[None, :]
-        # The stream is stored in the input dtype; normalize that rounded value so that the backward,
-        # which reads the stored stream, differentiates exactly what was normalized.
+        # The add is in float32 and the stream stored in its own dtype (the residual's, which may be
+        # wider than x's); normalize that stored value so that the backward, which reads the stored
+        # stream, differentiates exactly what was normalized.
         stream = (x + tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)).to(STREAM.dtype.element_ty)
         tl.store(STREAM + out_offsets, stream, mask=mask)
         x = stream.to(tl.float32)
@@ -68,7 +69,8 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, DRES,  # inputs (rows addressed by stride): output grad, saved input, grad of the stream
+    DY, X, DRES,  # inputs (rows addressed by stride): output grad (y's dtype, may be narrower than x's),
+                  # saved input (the stream after a fused add), grad of the stream (x's dtype)
     W,  # (n_cols,) weight, read when HAS_WEIGHT
     RSTD,  # (n_rows,) float32, from the forward
     DX,  # output, contiguous (n_rows, n_cols), dtype of x
@@ -168,10 +170,12 @@ def _falls_back(x: Tensor, *others: Optional[Tensor]) -> bool:
 
 
 def _launch_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], eps: float):
-    """Returns (y, stream or None, rstd); y and stream contiguous in x's dtype, rstd float32."""
+    """Returns (y, stream or None, rstd), contiguous: y in x's dtype, the stream in the residual's
+    (x's or a wider float32), rstd float32."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    stream = torch.empty_like(y) if residual is not None else None
+    stream = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    poison(y, stream, rstd)
     if y.numel() == 0:
         return y, stream, rstd
     (x, r), layout = row_layout(x, residual if residual is not None else x)
@@ -201,6 +205,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, d
     rows_per_program = triton.cdiv(tiles, programs) * cfg.BLOCK_M
     programs = triton.cdiv(layout.n_rows, rows_per_program)
     partial = torch.empty((programs, n_cols) if weight is not None else (0,), dtype=torch.float32, device=x.device)
+    poison(dx, dw, partial)
     with device_context(x):
         _rms_norm_bwd_kernel[(programs,)](
             dy, x, dres, weight.contiguous() if weight is not None else x, rstd.contiguous(), dx, partial,
@@ -246,9 +251,16 @@ AIMV2_NORM_HIDDEN = (1024, 1536, 2048, 3072)  # L, H, 1B, 3B widths (the decoder
 AIMV2_ROWS = 16384  # e.g. batch 64 x 256 patches
 
 
+def _mixed_signature(signature: dict[str, str], stream_args: tuple[str, ...]) -> dict[str, str]:
+    """`signature` with the stream's pointers (and the weight, an fp32 parameter) in float32: the
+    bf16 autocast case of a float32 residual stream."""
+    return {name: "*fp32" if name in (*stream_args, "W") else kind for name, kind in signature.items()}
+
+
 def compile_configs() -> list[KernelConfig]:
     """Each kernel at the config the launchers pick for AIMv2 widths (hot) and at MAX_HIDDEN (the
-    supported limit, not hot), bf16 activations and weight."""
+    supported limit, not hot), bf16 activations and weight; the fused-residual kernels also with a
+    float32 stream under bf16 updates (what a bf16 autocast training step runs)."""
     fwd_sig = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "Y": "*bf16", "STREAM": "*bf16", "RSTD": "*fp32",
                **dict.fromkeys(["n_rows", "n_cols", "N1", "N2", "sx0", "sx1", "sx2", "sr0", "sr1", "sr2"], "i32"),
                "eps": "fp32", **dict.fromkeys(["ROW_LEVELS", "HAS_RESIDUAL", "HAS_WEIGHT", "BLOCK_M", "BLOCK_N"], "constexpr")}
@@ -262,13 +274,16 @@ def compile_configs() -> list[KernelConfig]:
     for n_cols in (*AIMV2_NORM_HIDDEN, MAX_HIDDEN):
         hot = n_cols in AIMV2_NORM_HIDDEN
         fwd, bwd = norm_config(n_cols, AIMV2_ROWS), norm_config(n_cols, AIMV2_ROWS, backward=True)
-        for residual in (False, True):
+        for residual, mixed in ((False, False), (True, False), (True, True)):
+            dtypes = "bf16+fp32 stream" if mixed else "bf16"
             configs.append(KernelConfig(
-                f"rms_norm{'_residual' if residual else ''}_fwd D={n_cols} bf16", _rms_norm_fwd_kernel, fwd_sig,
+                f"rms_norm{'_residual' if residual else ''}_fwd D={n_cols} {dtypes}", _rms_norm_fwd_kernel,
+                _mixed_signature(fwd_sig, ("R", "STREAM")) if mixed else fwd_sig,
                 dict(ROW_LEVELS=1, HAS_RESIDUAL=residual, HAS_WEIGHT=True, BLOCK_M=fwd.BLOCK_M, BLOCK_N=fwd.BLOCK_N),
                 num_warps=fwd.num_warps, hot=hot))
             configs.append(KernelConfig(
-                f"rms_norm_bwd{' dres' if residual else ''} D={n_cols} bf16", _rms_norm_bwd_kernel, bwd_sig,
+                f"rms_norm_bwd{' dres' if residual else ''} D={n_cols} {dtypes}", _rms_norm_bwd_kernel,
+                _mixed_signature(bwd_sig, ("X", "DRES", "DX")) if mixed else bwd_sig,
                 dict(ROW_LEVELS=1, HAS_WEIGHT=True, HAS_DRES=residual, BLOCK_M=bwd.BLOCK_M, BLOCK_N=bwd.BLOCK_N),
                 num_warps=bwd.num_warps, hot=hot))
     sum_cfg = dict(COLUMN_SUM_CONFIG)

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.swiglu import _swiglu_bwd_torch, _swiglu_fwd_torch, _swiglu_packed_bwd_torch, _swiglu_packed_fwd_torch
-from .common import device_context, row_layout, row_offsets
+from .common import device_context, poison, row_layout, row_offsets
 
 TILE = 2048  # values per program and tensor
 MAX_BLOCK_N = 1024
@@ -105,6 +105,7 @@ def _grid(layout, n_cols: int, cfg: SwigluConfig) -> tuple[int]:
 def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor) -> Tensor:
     """out[row] = silu(gate[row]) * up[row]; out is a fresh contiguous (..., n_cols) tensor."""
     n_cols = gate.shape[-1]
+    poison(out)
     if out.numel() == 0:
         return out
     (gate, up), layout = row_layout(gate, up)
@@ -120,6 +121,7 @@ def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor) -> Tensor:
 def _launch_bwd(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, grad_stride: int) -> None:
     """Writes the gradients into dgate and dup, same-shape views with row stride grad_stride."""
     n_cols = gate.shape[-1]
+    poison(dgate, dup)
     if dout.numel() == 0:
         return
     (dout, gate, up), layout = row_layout(dout, gate, up)
