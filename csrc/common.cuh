@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <type_traits>
 
@@ -35,6 +36,20 @@
 namespace aimv2 {
 
 constexpr int kWarp = 32;
+
+// Test hook: with AIMV2_KERNELS_POISON_OUTPUTS=1 in the environment, every buffer a launcher
+// allocates for a kernel to fill is set to 0xFF bytes (NaN in float32, float16 and bfloat16) on the
+// current stream first, so an element a kernel forgets to write reads back as NaN, whatever the
+// caching allocator hands out. Off by default: one getenv per launch.
+inline void poison_outputs(std::initializer_list<at::Tensor> outputs) {
+  const char* flag = std::getenv("AIMV2_KERNELS_POISON_OUTPUTS");
+  if (flag == nullptr || flag[0] != '1') return;
+  for (const at::Tensor& t : outputs) {
+    if (t.defined() && t.numel() > 0) {
+      C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0xFF, t.nbytes(), c10::cuda::getCurrentCUDAStream()));
+    }
+  }
+}
 
 // Elements of T in one 16-byte access.
 template <typename T>

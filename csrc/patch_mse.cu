@@ -187,6 +187,7 @@ at::Tensor patch_mse_fwd(const at::Tensor& pred, const at::Tensor& target, const
   const c10::cuda::CUDAGuard guard(pred.device());
   if (in.rows == 0) return at::zeros({}, pred.options().dtype(at::kFloat));
   at::Tensor out = at::empty({}, pred.options().dtype(at::kFloat));
+  poison_outputs({out});
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AIMV2_DISPATCH_FLOATS(pred.scalar_type(), "patch_mse_fwd", [&] {
     using T = scalar_t;
@@ -195,6 +196,7 @@ at::Tensor patch_mse_fwd(const at::Tensor& pred, const at::Tensor& target, const
       auto kernel = patch_mse_fwd_kernel<T, U>;
       const int grid = patch_blocks(kernel, in.rows);
       at::Tensor partial = at::empty({grid, 2}, pred.options().dtype(at::kFloat));
+      poison_outputs({partial});
       const bool vec = packs_aligned(kVec<T>, {in.pred2, in.target2});
       kernel<<<grid, kThreads, 0, stream>>>(rows_of<const T>(in.pred2), rows_of<const U>(in.target2),
                                             in.mask1.defined() ? in.mask1.data_ptr<bool>() : nullptr,
@@ -216,6 +218,7 @@ at::Tensor patch_mse_bwd(const at::Tensor& dloss, const at::Tensor& pred, const 
   check_same_device("patch_mse_bwd", "dloss", dloss, pred);
   const c10::cuda::CUDAGuard guard(pred.device());
   at::Tensor dpred = at::empty_like(pred, at::MemoryFormat::Contiguous);
+  poison_outputs({dpred});
   if (in.rows == 0) return dpred;
   const at::Tensor dloss1 = dloss.to(at::kFloat).reshape({}).contiguous();
   const at::Tensor counted = in.mask1.defined() ? at::sum(in.mask1, at::kFloat) : at::Tensor();

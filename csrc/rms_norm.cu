@@ -253,6 +253,7 @@ void launch_bwd_kernels(const at::Tensor& dy2, const at::Tensor& x2, const at::T
   auto kernel = rms_norm_bwd_kernel<G, T, W>;
   const int grid = static_cast<int>(std::min<int64_t>(rows, resident_blocks(kernel, threads, smem)));
   at::Tensor partial = w.defined() ? at::empty({grid, n}, x2.options().dtype(at::kFloat)) : at::Tensor();
+  poison_outputs({partial});
   kernel<<<grid, threads, smem, cuda_stream>>>(
       rows_of<const G>(dy2), rows_of<const T>(x2), w.defined() ? w.data_ptr<W>() : nullptr, rstd1.data_ptr<float>(),
       dres2.defined() ? rows_of<const T>(dres2) : Rows<const T>{nullptr, 0}, dx2.data_ptr<T>(),
@@ -297,6 +298,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor rstd = rstd_like(x);
+  poison_outputs({y, rstd});
   if (x.numel() == 0) return {y, rstd};
   const int64_t n = x.size(-1);
   launch_rms_norm_fwd(as_rows(x), std::nullopt, weight, y.view({-1, n}), at::Tensor(), rstd, eps);
@@ -319,6 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_fwd(const at::T
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor stream = at::empty(x.sizes(), residual.options());  // contiguous, in the residual's dtype
   at::Tensor rstd = rstd_like(x);
+  poison_outputs({y, stream, rstd});
   if (x.numel() == 0) return {y, stream, rstd};
   const int64_t n = x.size(-1);
   launch_rms_norm_fwd(as_rows(x), as_rows(residual), weight, y.view({-1, n}), stream.view({-1, n}), rstd, eps);
@@ -347,6 +350,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor dw = weight.has_value() ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  poison_outputs({dx, dw});
   const int64_t n64 = x.size(-1);
   const int64_t rows = n64 > 0 ? x.numel() / n64 : 0;
   if (rows == 0) {

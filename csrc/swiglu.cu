@@ -124,6 +124,7 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   check_pair("swiglu_fwd", "up", up, gate);
   const c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor out = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  poison_outputs({out});
   if (out.numel() == 0) return out;
   launch_swiglu_fwd(as_rows(gate), as_rows(up), out.view({-1, gate.size(-1)}));
   return out;
@@ -137,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::
   const c10::cuda::CUDAGuard guard(gate.device());
   at::Tensor dgate = at::empty_like(gate, at::MemoryFormat::Contiguous);
   at::Tensor dup = at::empty_like(up, at::MemoryFormat::Contiguous);
+  poison_outputs({dgate, dup});
   if (gate.numel() == 0) return {dgate, dup};
   const int64_t n = gate.size(-1);
   launch_swiglu_bwd(as_rows(dout), as_rows(gate), as_rows(up), dgate.view({-1, n}), dup.view({-1, n}));
@@ -153,6 +155,7 @@ at::Tensor swiglu_packed_fwd(const at::Tensor& x) {
   const int64_t h = shape.back() / 2;
   shape.back() = h;
   at::Tensor out = at::empty(shape, x.options());
+  poison_outputs({out});
   if (out.numel() == 0) return out;
   const auto [gate, up] = halves(as_rows(x));
   launch_swiglu_fwd(gate, up, out.view({-1, h}));
@@ -173,6 +176,7 @@ at::Tensor swiglu_packed_bwd(const at::Tensor& dout, const at::Tensor& x) {
               dout.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  poison_outputs({dx});
   if (dx.numel() == 0) return dx;
   const auto [gate, up] = halves(as_rows(x));
   const auto [dgate, dup] = halves(dx.view({-1, x.size(-1)}));

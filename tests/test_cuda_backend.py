@@ -118,11 +118,12 @@ def cuda_backend():
     return torch.device("cuda")
 
 
-def _poison_allocator(*likes: torch.Tensor) -> None:
-    """Leave NaN bytes (0xFF) in the caching allocator's free blocks of the outputs' sizes, so that an
-    output element a kernel forgets to write shows up as NaN instead of stale numbers."""
-    blocks = [torch.full((t.numel() * t.element_size() + 512,), 255, dtype=torch.uint8, device="cuda") for t in likes]
-    del blocks
+@pytest.fixture(autouse=True)
+def _poisoned_cuda_outputs(monkeypatch):
+    """Every output the csrc/ launchers allocate is filled with NaN bytes before its kernel runs
+    (AIMV2_KERNELS_POISON_OUTPUTS, read by csrc/common.cuh), so an element a kernel forgets to write
+    shows up as NaN instead of whatever the caching allocator held."""
+    monkeypatch.setenv("AIMV2_KERNELS_POISON_OUTPUTS", "1")
 
 
 def _rows(shape, dtype, layout, device):
@@ -154,10 +155,8 @@ def test_rms_norm(cuda_backend, dtype, shape, layout, weight):
     tol = max(TOLERANCE[dtype], TOLERANCE[w.dtype] if w is not None else 0.0)
     with ak.use_backend("cuda"):
         assert backend.resolve("rms_norm_fwd", x.device)[0] == "cuda"
-        _poison_allocator(x, x)
         y = ak.rms_norm(x, w, 1e-5)
         dy = torch.randn_like(y)
-        _poison_allocator(x, x)
         y.backward(dy)
     x64, w64 = _leaf64(x), _leaf64(w) if w is not None else None
     y64 = ref.rms_norm(x64, w64, 1e-5)
@@ -238,10 +237,8 @@ def test_swiglu(cuda_backend, dtype, shape, layout):
     gate, up = gate.requires_grad_(), up.requires_grad_()
     with ak.use_backend("cuda"):
         assert backend.resolve("swiglu_fwd", gate.device)[0] == "cuda"
-        _poison_allocator(up)
         out = ak.swiglu(gate, up)
         dout = torch.randn_like(out)
-        _poison_allocator(up, up)
         out.backward(dout)
     g64, u64 = _leaf64(gate), _leaf64(up)
     out64 = ref.swiglu(g64, u64)
@@ -262,10 +259,8 @@ def test_swiglu_packed(cuda_backend, dtype, shape, layout):
     x = _rows(packed_shape, dtype, layout, cuda_backend).requires_grad_()
     with ak.use_backend("cuda"):
         assert backend.resolve("swiglu_packed_fwd", x.device)[0] == "cuda"
-        _poison_allocator(x)
         out = ak.swiglu_packed(x)
         dout = torch.randn_like(out)
-        _poison_allocator(x)
         out.backward(dout)
     x64 = _leaf64(x)
     out64 = ref.swiglu_packed(x64)
@@ -289,7 +284,6 @@ def test_patch_mse(cuda_backend, dtypes, shape, mask_kind, norm_pix):
     with ak.use_backend("cuda"):
         assert backend.resolve("patch_mse_fwd", pred.device)[0] == "cuda"
         loss = ak.patch_mse_loss(pred, target, mask, norm_pix=norm_pix)
-        _poison_allocator(pred)
         (loss * 3.0).backward()
     p64 = _leaf64(pred)
     loss64 = ref.patch_mse_loss(p64, target.double(), mask, norm_pix)
@@ -385,3 +379,18 @@ def test_opcheck_public_ops_on_the_cuda_backend(cuda_backend):
         torch.library.opcheck(ops.swiglu, (x, torch.randn_like(x)))
         torch.library.opcheck(ops.swiglu_packed, (x[..., :40],))
         torch.library.opcheck(ops.patch_mse_loss, (pred, torch.randn(2, 6, 12, device=cuda_backend), None, True, 1e-6))
+
+
+@needs_gpu
+@pytest.mark.parametrize("poison", ["1", "0"])
+def test_poison_hook_fills_every_output_before_its_kernel(cuda_backend, monkeypatch, poison):
+    """The hook is real: with it on, the profiler sees one device memset per output buffer (y and
+    rstd of the forward) queued before the kernel; with it off, none."""
+    monkeypatch.setenv("AIMV2_KERNELS_POISON_OUTPUTS", poison)
+    x = torch.randn(37, 203, device=cuda_backend)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.aimv2_kernels.cuda_rms_norm_fwd(x, None, 1e-5)
+        torch.cuda.synchronize()
+    memsets = [e for e in prof.events() if "memset" in e.name.lower()]
+    assert len(memsets) == (2 if poison == "1" else 0), [e.name for e in prof.events()]
