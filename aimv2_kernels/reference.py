@@ -90,6 +90,39 @@ def prefix_causal_attention_with_lse(q, k, v, prefix_len=None, causal=True, scal
     return out.to(q.dtype), lse
 
 
+def prefix_causal_attention_varlen(q, k, v, cu_seqlens, prefix_len=None, causal=True, scale=None):
+    """Prefix-causal attention over n packed sequences; q, k, v and output (T, H, D).
+
+    Sequence s is tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1; inside it the padded op's rule holds
+    with positions counted from the sequence start and prefix_len[s] (an int tensor (n,) or None);
+    nothing is visible across sequences. Zero-length sequences contribute no tokens.
+    """
+    return prefix_causal_attention_varlen_with_lse(q, k, v, cu_seqlens, prefix_len, causal, scale)[0]
+
+
+def prefix_causal_attention_varlen_with_lse(q, k, v, cu_seqlens, prefix_len=None, causal=True, scale=None):
+    """As `prefix_causal_attention_varlen`, also returning the row log-sum-exp (H, T) in float32/64.
+
+    One call of the padded reference per sequence (batch of 1, no padding), so the dense mask never
+    spans two sequences. Reads cu_seqlens on the host: a reference, not a kernel.
+    """
+    T, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    bounds = cu_seqlens.tolist()
+    outs, lses = [], []
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        prefix = None if prefix_len is None else prefix_len[s : s + 1]  # (1,)
+        q_s, k_s, v_s = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, D)
+        out, lse = prefix_causal_attention_with_lse(q_s, k_s, v_s, prefix, causal, scale)
+        outs.append(out[0].transpose(0, 1))  # (L, H, D)
+        lses.append(lse[0])  # (H, L)
+    if not outs:  # T == 0: every sequence is empty
+        return q.new_zeros(0, H, D), q.new_zeros(H, 0, dtype=_compute_dtype(q))
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Per-patch norm-pix target: (t - mean(t)) / sqrt(var(t) + eps), unbiased variance, last dim."""
     t = target.to(_compute_dtype(target))

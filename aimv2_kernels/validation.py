@@ -72,6 +72,39 @@ def check_head_dim(name: str, head_dim: int) -> None:
         raise ValueError(f"{name} has head dim {head_dim}; supported head dims are {SUPPORTED_HEAD_DIMS}")
 
 
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Attention inputs: same shape (`layout`, e.g. "(B, H, S, D)"), rank, device and dtype, a
+    contiguous last dim each, a supported head dim."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=layout.count(",") + 1)
+        check_last_dim_contiguous(name, t)
+    check_shape("k", k, tuple(q.shape), f"the shape of q: {layout}")
+    check_shape("v", v, tuple(q.shape), f"the shape of q: {layout}")
+    check_same_device("q", q, k=k, v=v)
+    check_same_dtype("q", q, k=k, v=v)
+    check_head_dim("q", q.shape[-1])
+
+
+def prefix_tensor(prefix_len, count: int, device: torch.device, shape_name: str, what: str) -> torch.Tensor | None:
+    """A public op's prefix_len (None, an int, or an integer tensor (count,)) as None or an integer
+    tensor (count,) on `device`. shape_name ("B", "n") and what (one prefix length per ...) word
+    the errors."""
+    if prefix_len is None:
+        return None
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor)):
+        raise TypeError(f"prefix_len must be None, an int or an integer tensor of shape ({shape_name},), "
+                        f"got {type(prefix_len).__name__}")
+    if isinstance(prefix_len, int):
+        if prefix_len < 0:
+            raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
+        return torch.full((count,), prefix_len, dtype=torch.int32, device=device)
+    check_tensor("prefix_len", prefix_len, dtypes=INDEX_DTYPES, ndim=1)
+    check_shape("prefix_len", prefix_len, (count,), what)
+    if prefix_len.device != device:
+        raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {device}; expected the same device")
+    return prefix_len
+
+
 def check_prefix_values(prefix_len: torch.Tensor) -> None:
     """Prefix lengths must be >= 0. Runs inside op bodies (eager), never under tracing.
 
@@ -86,3 +119,61 @@ def check_prefix_values(prefix_len: torch.Tensor) -> None:
     smallest = int(prefix_len.min())
     if smallest < 0:
         raise ValueError(f"prefix_len must be >= 0 for every sample, got a value of {smallest}")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> None:
+    """Metadata of a varlen op's `cu_seqlens`: an int32 (n + 1,) tensor on q's device.
+
+    int32 only, as FlashAttention's varlen ops take it: the kernels index with it directly. `total`
+    (T, q's first dim) is only named in the message; the values are checked in the op body.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype int32, got {str(cu_seqlens.dtype).replace('torch.', '')}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"cu_seqlens must have shape (n + 1,) with n >= 0 sequences (0, ..., T = {total}), got {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; expected the same device")
+
+
+def check_max_seqlen(max_seqlen) -> None:
+    """A Python int >= 0 (a SymInt under torch.compile): a kernel's grid size, so no host sync."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"max_seqlen must be a Python int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """cu_seqlens starts at 0, never decreases, ends at `total`; no sequence is longer than
+    `max_seqlen`. Runs inside op bodies (eager), never under tracing.
+
+    On CPU this raises ValueError at once. On CUDA the boundary checks are asynchronous device
+    asserts, as for prefix_len, so the hot path never synchronizes with the host; the max_seqlen check
+    is not done there yet: its device-side check comes with the Triton kernel (the torch backend does
+    not read max_seqlen, so a wrong value cannot change its result).
+    """
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # (n,)
+    if cu_seqlens.device.type == "cuda":
+        torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+        torch._assert_async(cu_seqlens[-1] == total, "cu_seqlens must end at T (q.shape[0])")
+        if lengths.numel():
+            torch._assert_async((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
+        return
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
+    if lengths.numel() and int(lengths.min()) < 0:
+        s = int(torch.nonzero(lengths < 0)[0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got cu_seqlens[{s + 1}] = {int(cu_seqlens[s + 1])} "
+            f"< cu_seqlens[{s}] = {int(cu_seqlens[s])}"
+        )
+    if last != total:
+        raise ValueError(f"cu_seqlens must end at T = {total} (q.shape[0]), got cu_seqlens[-1] = {last}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({longest} tokens); expected max_seqlen >= {longest}")

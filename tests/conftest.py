@@ -60,5 +60,15 @@ def _seed_and_default_backend():
 
 
 @pytest.fixture
+def one_thread():
+    """Gradcheck evaluates tiny float64 ops thousands of times: one thread avoids OpenMP contention
+    (with several test processes sharing the cores, 2 threads made one gradcheck take 10-40 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -27,15 +27,6 @@ def _torch_backend():
         yield
 
 
-@pytest.fixture
-def one_thread():
-    """Gradcheck evaluates tiny float64 ops thousands of times: one thread avoids OpenMP contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_gradcheck_rms_norm_ops():
     x, w = _randn(2, 3, 7), _randn(7)

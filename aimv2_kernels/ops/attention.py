@@ -15,14 +15,9 @@ from .. import reference as ref
 from ..backend import register, resolve
 from .autograd import register_autograd
 from ..validation import (
-    INDEX_DTYPES,
-    check_head_dim,
-    check_last_dim_contiguous,
     check_prefix_values,
-    check_same_device,
-    check_same_dtype,
-    check_shape,
-    check_tensor,
+    check_qkv,
+    prefix_tensor,
 )
 
 
@@ -182,20 +177,8 @@ register_autograd(attention_op, _attention_backward, _setup_attention)
 # ---- functional API ------------------------------------------------------------------------------
 
 def _prefix_tensor(prefix_len, batch: int, device: torch.device) -> Optional[Tensor]:
-    """None, an int, or an integer tensor of shape (B,) -> None or an int tensor (B,) on `device`."""
-    if prefix_len is None:
-        return None
-    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, Tensor)):
-        raise TypeError(f"prefix_len must be None, an int or an integer tensor of shape (B,), got {type(prefix_len).__name__}")
-    if isinstance(prefix_len, int):
-        if prefix_len < 0:
-            raise ValueError(f"prefix_len must be >= 0, got {prefix_len}")
-        return torch.full((batch,), prefix_len, dtype=torch.int32, device=device)
-    check_tensor("prefix_len", prefix_len, dtypes=INDEX_DTYPES, ndim=1)
-    check_shape("prefix_len", prefix_len, (batch,), "one prefix length per sample: the batch size of q")
-    if prefix_len.device != device:
-        raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {device}; expected the same device")
-    return prefix_len
+    """None, an int, or an integer tensor (B,) -> None or an int tensor (B,) on `device`."""
+    return prefix_tensor(prefix_len, batch, device, "B", "one prefix length per sample: the batch size of q")
 
 
 def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix_len=None, *, causal: bool = True, scale: float | None = None) -> Tensor:
@@ -205,14 +188,7 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix_len=None, *,
     or bidirectional when causal=False), an int, or an int tensor (B,) on q's device; values >= S make
     every key visible. scale defaults to D ** -0.5. Returns (B, H, S, D), a view of (B, S, H, D) memory.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-        check_last_dim_contiguous(name, t)
-    check_shape("k", k, tuple(q.shape), "the shape of q: (B, H, S, D)")
-    check_shape("v", v, tuple(q.shape), "the shape of q: (B, H, S, D)")
-    check_same_device("q", q, k=k, v=v)
-    check_same_dtype("q", q, k=k, v=v)
-    check_head_dim("q", q.shape[-1])
+    check_qkv(q, k, v, "(B, H, S, D)")
     if q.shape[2] == 0:
         raise ValueError(f"q must have at least one position (S >= 1), got shape {tuple(q.shape)}")
     if not isinstance(causal, bool):

@@ -1,0 +1,140 @@
+"""Prefix-causal attention over packed variable-length sequences, as custom ops.
+
+q, k, v are (T, H, D): the tokens of n sequences back to back, sequence s being tokens
+cu_seqlens[s] .. cu_seqlens[s + 1] - 1. Inside a sequence the padded op's rule holds (key j visible
+to query i iff (not causal) or j <= i or j < prefix_len[s], positions counted from the sequence
+start); nothing is visible across sequences. The output is (T, H, D), contiguous.
+
+Only the "torch" backend implements these kernels for now (the reference, one sequence at a time), so
+every backend choice resolves to it (see backend.py's fallback rules).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference as ref
+from ..backend import register, resolve
+from .attention import _attention_bwd_torch
+from .autograd import register_autograd
+from ..validation import (
+    check_cu_seqlens,
+    check_cu_seqlens_values,
+    check_max_seqlen,
+    check_prefix_values,
+    check_qkv,
+    prefix_tensor,
+)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _per_sequence(t: Tensor, start: int, end: int) -> Tensor:
+    """(T, H, D) -> (1, H, L, D) view of one sequence's tokens: the padded ops' layout, no copy."""
+    return t[start:end].transpose(0, 1).unsqueeze(0)
+
+
+# ---- "torch" backend -----------------------------------------------------------------------------
+
+@register("attention_varlen_fwd", "torch")
+def _attention_varlen_fwd_torch(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    out, lse = ref.prefix_causal_attention_varlen_with_lse(q, k, v, cu_seqlens, prefix_len, causal, scale)
+    return out.contiguous(), lse.to(_lse_dtype(q))  # (T, H, D), (H, T)
+
+
+@register("attention_varlen_bwd", "torch")
+def _attention_varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    """The padded torch backward on each sequence (a batch of 1), writing through views into dq, dk,
+    dv, so the per-sequence math is the one the padded op's tests already hold to the reference."""
+    # Every token lies in exactly one sequence (cu_seqlens goes 0 .. T), so empty buffers get filled.
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    bounds = cu_seqlens.tolist()
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        prefix = None if prefix_len is None else prefix_len[s : s + 1]  # (1,)
+        seq = lambda t: _per_sequence(t, start, end)  # noqa: E731
+        _attention_bwd_torch(seq(dout), seq(q), seq(k), seq(v), seq(out), lse[:, start:end].unsqueeze(0),
+                             prefix, causal, scale, tuple(seq(g) for g in grads))
+    return grads
+
+
+# ---- custom ops ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen", mutates_args=())
+def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                        prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Returns (out (T, H, D), lse (H, T) float32, float64 for float64 inputs)."""
+    check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    if prefix_len is not None:
+        check_prefix_values(prefix_len)
+    return resolve("attention_varlen_fwd", q.device)[1](q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+
+
+@attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(H, T, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen_backward", mutates_args=())
+def attention_varlen_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                 cu_seqlens: Tensor, max_seqlen: int, prefix_len: Optional[Tensor],
+                                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    impl = resolve("attention_varlen_bwd", q.device)[1]
+    return impl(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+
+
+@attention_varlen_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_attention_varlen(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale = inputs
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+    ctx.save_for_backward(q, k, v, cu_seqlens, prefix_len, output[0], output[1])
+
+
+def _attention_varlen_backward(ctx, dout, _dlse):
+    q, k, v, cu_seqlens, prefix_len, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_varlen_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, prefix_len,
+                                              ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+register_autograd(attention_varlen_op, _attention_varlen_backward, _setup_attention_varlen)
+
+
+# ---- functional API ------------------------------------------------------------------------------
+
+def _prefix_tensor(prefix_len, n: int, device: torch.device) -> Optional[Tensor]:
+    """None, an int, or an integer tensor (n,) -> None or an int tensor (n,) on `device`."""
+    return prefix_tensor(prefix_len, n, device, "n", "one prefix length per sequence: len(cu_seqlens) - 1")
+
+
+def prefix_causal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                   prefix_len=None, *, causal: bool = True, scale: float | None = None) -> Tensor:
+    """Prefix-causal attention inside each of n packed sequences, nothing visible across them.
+
+    q, k, v: (T, H, D) with a contiguous last dim (any other strides: the views of a packed (T, 3, H, D)
+    projection need no copy). cu_seqlens: int32 (n + 1,) on q's device, 0 = cu_seqlens[0] <= ... <=
+    cu_seqlens[n] = T; empty sequences are allowed. max_seqlen: a Python int >= the longest sequence
+    (given, so no kernel has to read cu_seqlens on the host). prefix_len: None, an int, or an int
+    tensor (n,); values beyond a sequence's length make all of it visible. scale defaults to
+    D ** -0.5. Returns (T, H, D).
+    """
+    check_qkv(q, k, v, "(T, H, D)")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
+    check_max_seqlen(max_seqlen)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    prefix = _prefix_tensor(prefix_len, cu_seqlens.shape[0] - 1, q.device)
+    return attention_varlen_op(q, k, v, cu_seqlens, max_seqlen, prefix if causal else None, causal, float(scale))[0]
