@@ -156,7 +156,6 @@ def test_explicit_triton_choice_falls_back_to_torch(device):
         torch.testing.assert_close(out, ref.prefix_causal_attention_varlen(q, k, v, cu, torch.full((3,), 2)).to(device))
 
 
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("prefix", [None, torch.tensor([1, 0, 9])])
 @pytest.mark.parametrize("causal", [True, False])
