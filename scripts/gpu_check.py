@@ -47,7 +47,7 @@ KERNEL_TESTS = (
     "tests/test_attention_triton.py", "tests/test_attention_candidates.py", "tests/test_rms_norm_triton.py",
     "tests/test_swiglu_triton.py", "tests/test_loss_triton.py", "tests/test_loss_memory.py",
     "tests/test_cuda_backend.py", "tests/test_ops_layer.py", "tests/test_reference.py", "tests/test_layouts.py",
-    "tests/test_norm_mixed_dtype.py",
+    "tests/test_norm_mixed_dtype.py", "tests/test_attention_varlen.py",
 )
 SMOKE_TESTS = ("tests/test_rms_norm_triton.py",)  # the plumbing, not the coverage, on the CPU
 BENCH_SUITES = {"bench-attention": ("attention",), "bench-loss": ("loss",),
