@@ -152,9 +152,8 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     `max_seqlen`. Runs inside op bodies (eager), never under tracing.
 
     On CPU this raises ValueError at once. On CUDA the boundary checks are asynchronous device
-    asserts, as for prefix_len, so the hot path never synchronizes with the host; the max_seqlen check
-    is not done there yet: its device-side check comes with the Triton kernel (the torch backend does
-    not read max_seqlen, so a wrong value cannot change its result).
+    asserts, as for prefix_len, so the hot path never synchronizes with the host, max_seqlen's too: the
+    Triton kernels size their grid by it, so a sequence longer than it would leave rows unwritten.
     """
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # (n,)
     if cu_seqlens.device.type == "cuda":
@@ -162,6 +161,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
         torch._assert_async(cu_seqlens[-1] == total, "cu_seqlens must end at T (q.shape[0])")
         if lengths.numel():
             torch._assert_async((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
+            torch._assert_async((lengths <= max_seqlen).all(), "max_seqlen is below the longest sequence")
         return
     first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
     if first != 0:

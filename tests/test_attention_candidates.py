@@ -265,8 +265,9 @@ def test_autotune_switch_selects_the_first_candidate(fresh_autotuners, monkeypat
         monkeypatch.setenv(common.AUTOTUNE_ENV, "1")
         tuner = common.autotuned(fn, kernel, 128, (9, 0))
         assert tuner.configs == candidates
-        # older triton versions silently drop a key name that is not an argument
-        assert set(tuner.keys) == {"S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION"} <= set(tuner.arg_names)
+        # older triton versions silently drop a key name that is not an argument; VARLEN keeps packed
+        # batches (whose S bucket is max_seqlen's) from reusing a padded batch's tuning, and back
+        assert set(tuner.keys) == {"S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION", "VARLEN"} <= set(tuner.arg_names)
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
-"""ak.prefix_causal_attention_varlen on the "torch" backend: packed sequences against a dense oracle.
+"""ak.prefix_causal_attention_varlen on the "torch" and "triton" backends: packed sequences against a
+dense oracle.
 
 The oracle is written here, not taken from the reference: one (T, T) mask over the whole packed
 batch (same sequence, and the prefix rule on positions counted from the sequence start), one softmax.
-A reference that let a key leak across a sequence boundary would differ from it. The float64
-gradcheck runs on CPU tensors on every machine (as in test_ops_layer.py); every other test runs on the
-`device` fixture's device.
+A reference that let a key leak across a sequence boundary would differ from it. The correctness
+tests run on both backends (`impl`): "triton" runs the real kernels, in Triton's interpreter on CPU
+tensors in fp32 (bf16 dots are broken there), with poisoned outputs and a count of the registry
+calls, so a silent fallback to the reference fails. The float64 gradcheck runs on CPU tensors on
+every machine (as in test_ops_layer.py); every other test runs on the `device` fixture's device.
 """
 import pytest
 import torch
@@ -14,8 +17,38 @@ import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
 from aimv2_kernels.ops import attention_varlen
+from aimv2_kernels.triton_kernels.common import poisoned_outputs
 
 H, D = 2, 16
+VARLEN_KERNELS = ("attention_varlen_fwd", "attention_varlen_bwd")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def impl(request, monkeypatch):
+    """Run the test under this backend; for "triton", with poisoned outputs and counting the calls of
+    its varlen implementations (yields {kernel: calls}, checked by `_assert_launched`)."""
+    if request.param == "torch":
+        with ak.use_backend("torch"):
+            yield None
+        return
+    if backend.unavailable_reason("triton") is not None:  # also imports the triton kernel modules
+        pytest.skip(backend.unavailable_reason("triton"))
+    calls = dict.fromkeys(VARLEN_KERNELS, 0)
+    with ak.use_backend("triton"), poisoned_outputs():
+        for name in VARLEN_KERNELS:
+            def counted(*args, _impl=backend._REGISTRY[name]["triton"], _name=name):
+                calls[_name] += 1
+                return _impl(*args)
+
+            monkeypatch.setitem(backend._REGISTRY[name], "triton", counted)
+        yield calls
+
+
+def _assert_launched(calls, backward=True):
+    """Under "triton", the Triton implementations (not the reference) ran forward and backward."""
+    if calls is not None:
+        assert calls["attention_varlen_fwd"] >= 1, "the triton forward did not run"
+        assert not backward or calls["attention_varlen_bwd"] >= 1, "the triton backward did not run"
 
 
 def _cu(lengths, device="cpu"):
@@ -69,7 +102,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("prefix", [None, 0, 1, 3, "edges", "random"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_matches_dense_oracle_forward_and_backward(device, case, prefix, causal):
+def test_matches_dense_oracle_forward_and_backward(impl, device, case, prefix, causal):
     lengths = CASES[case]
     cu, T = _cu(lengths, device), sum(lengths)
     q, k, v = _qkv(T, device, grad=True)
@@ -83,6 +116,7 @@ def test_matches_dense_oracle_forward_and_backward(device, case, prefix, causal)
     expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
     for name, got, want in zip("qkv", grads, expected_grads):
         torch.testing.assert_close(got.double(), want.double(), atol=5e-5, rtol=5e-4, msg=lambda m: f"d{name}: {m}")
+    _assert_launched(impl)
 
 
 def _as_tensor(prefix_len, n, device):
@@ -90,7 +124,7 @@ def _as_tensor(prefix_len, n, device):
 
 
 @pytest.mark.parametrize("prefix", [None, 2, "edges"])
-def test_matches_the_padded_op(device, prefix):
+def test_matches_the_padded_op(impl, device, prefix):
     # Padding each sequence to the longest and running the padded op gives the same rows, once a
     # prefix is clamped to the sequence length (in the padded batch it would uncover padding keys).
     lengths = CASES["edges"] + [0]
@@ -107,9 +141,10 @@ def test_matches_the_padded_op(device, prefix):
     padded_out = ak.prefix_causal_attention(*padded, clamped)
     for s, (start, n) in enumerate(zip(cu.tolist(), lengths)):
         torch.testing.assert_close(out[start : start + n], padded_out[s, :, :n].transpose(0, 1), atol=1e-5, rtol=1e-4)
+    _assert_launched(impl, backward=False)
 
 
-def test_strided_views_of_packed_qkv(device):
+def test_strided_views_of_packed_qkv(impl, device):
     lengths = [5, 0, 19, 8]
     cu, T = _cu(lengths, device), sum(lengths)
     qkv = torch.randn(T, 3, H, D, device=device, requires_grad=True)  # one projection's output
@@ -123,35 +158,41 @@ def test_strided_views_of_packed_qkv(device):
     (grad,) = torch.autograd.grad(out, qkv, dout)
     (want,) = torch.autograd.grad(expected, qkv, dout.double())
     torch.testing.assert_close(grad.double(), want.double(), atol=5e-5, rtol=5e-4)
+    _assert_launched(impl)
 
 
-def test_all_sequences_empty(device):
+def test_all_sequences_empty(impl, device):
     q, k, v = _qkv(0, device, grad=True)
     out = ak.prefix_causal_attention_varlen(q, k, v, _cu([0, 0], device), 0, 1)
     assert out.shape == (0, H, D)
     out.sum().backward()
     assert q.grad.shape == (0, H, D)
+    _assert_launched(impl)
 
 
-def test_larger_max_seqlen_changes_nothing(device):
+def test_larger_max_seqlen_changes_nothing(impl, device):
     lengths = [4, 9]
     cu, T = _cu(lengths, device), sum(lengths)
     q, k, v = _qkv(T, device)
     exact = ak.prefix_causal_attention_varlen(q, k, v, cu, 9, 3)
     torch.testing.assert_close(ak.prefix_causal_attention_varlen(q, k, v, cu, 1000, 3), exact, atol=0, rtol=0)
+    _assert_launched(impl, backward=False)
 
 
-def test_explicit_triton_choice_falls_back_to_torch(device):
-    # No Triton (or CUDA) kernel implements the varlen op yet: every backend choice runs the reference.
+def test_backend_choice_resolves_to_triton_kernels(device):
+    # Triton implements the varlen op, the CUDA extension does not: on CUDA tensors every choice runs
+    # Triton ("cuda" falls back to it, "auto" prefers it); CPU tensors reach it only when "triton" is
+    # chosen explicitly under the interpreter, and run the reference otherwise.
     lengths = [6, 0, 11]
     cu, T = _cu(lengths, device), sum(lengths)
     q, k, v = _qkv(T, device)
     for name in ("triton", "cuda", "auto"):
         if ak.unavailable_reason(name) is not None:
             continue
+        expected = "triton" if name == "triton" or q.is_cuda else "torch"
         with ak.use_backend(name):
-            assert backend.resolve("attention_varlen_fwd", q.device)[0] == "torch"
-            assert backend.resolve("attention_varlen_bwd", q.device)[0] == "torch"
+            assert backend.resolve("attention_varlen_fwd", q.device)[0] == expected
+            assert backend.resolve("attention_varlen_bwd", q.device)[0] == expected
             out = ak.prefix_causal_attention_varlen(q, k, v, cu, 11, 2)
         torch.testing.assert_close(out, ref.prefix_causal_attention_varlen(q, k, v, cu, torch.full((3,), 2)).to(device))
 
@@ -166,13 +207,13 @@ def test_gradcheck(prefix, causal):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
-def test_opcheck(device):
+def test_opcheck(impl, device):
     q, k, v = _qkv(12, device, grad=True)
     cu = _cu([5, 0, 7], device)
     torch.library.opcheck(attention_varlen.attention_varlen_op, (q, k, v, cu, 7, torch.tensor([2, 0, 9], device=device), True, 0.25))
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(impl, device):
     def step(q, k, v, cu, prefix):
         return (ak.prefix_causal_attention_varlen(q, k, v, cu, 11, prefix) ** 2).sum() + \
             ak.prefix_causal_attention_varlen(q, k, v, cu, 11, 3, causal=False).sum()
@@ -191,6 +232,7 @@ def test_torch_compile_fullgraph(device):
         for a, b in zip(torch.autograd.grad(got, (q, k, v)), torch.autograd.grad(eager, (q, k, v))):
             torch.testing.assert_close(a, b)
     assert counter.frame_count == 1
+    _assert_launched(impl)
 
 
 def _args(T=10, cu=(0, 3, 10), max_seqlen=7, **changes):

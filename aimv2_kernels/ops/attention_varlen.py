@@ -5,8 +5,9 @@ cu_seqlens[s] .. cu_seqlens[s + 1] - 1. Inside a sequence the padded op's rule h
 to query i iff (not causal) or j <= i or j < prefix_len[s], positions counted from the sequence
 start); nothing is visible across sequences. The output is (T, H, D), contiguous.
 
-Only the "torch" backend implements these kernels for now (the reference, one sequence at a time), so
-every backend choice resolves to it (see backend.py's fallback rules).
+Backends: "triton" (triton_kernels/attention_varlen.py: the padded kernels with VARLEN=True, one
+launch over all sequences), which CUDA tensors get under every backend choice, and "torch" (the
+reference, one sequence at a time), for CPU tensors outside the interpreter. Both keep lse as (H, T).
 """
 from __future__ import annotations
 

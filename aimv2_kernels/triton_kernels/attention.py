@@ -20,6 +20,10 @@ code computes 84% of the tiles and applies the mask to 37%; with 64 x 32 tiles, 
 average 66.7% of the query-key pairs are visible, so the remaining excess is the partly visible tiles
 along the diagonal and at the prefix edge. dK/dV visits the same tiles from the key side.
 
+The same kernels serve packed variable-length sequences (VARLEN, attention_varlen.py): the batch
+coordinate becomes the sequence, whose start and length come from cu_seqlens (`program_coords`), and
+everything above holds with S = that sequence's length.
+
 Also here: the launch configurations (one small autotuning set per kernel, head dim and device
 class, the fixed small interpreter config, the AIMV2_KERNELS_AUTOTUNE switch, `forced_config` for
 tests, and `launch`, which picks among them), the compile-check entries, the dtype/head-dim gate with
@@ -88,12 +92,20 @@ def load_rows(base, stride, rows, offs_d, S, MASKED: tl.constexpr, LONG_ROWS: tl
 
 
 @triton.jit
-def program_coords(PREFIX, S, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr,
-                   HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr):
+def program_coords(PREFIX, CU_SEQLENS, S, T, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr,
+                   HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
     """Where this program works in the 1-D grid over (batch * head, tile of BLOCK positions): tiles of
     one head are adjacent (they share K/V or Q/dO in L2); LAST_FIRST starts the last tiles, which see
-    the most keys, first to shorten the tail. Returns (batch * head, batch (int64), head (int64),
-    tile start, the sample's visible prefix)."""
+    the most keys, first to shorten the tail. The grid has cdiv(S, BLOCK) tiles per (batch, head).
+
+    VARLEN (packed (T, H, D) tokens of n sequences): "batch" is the sequence s, S only sizes the grid
+    (max_seqlen, so new lengths never recompile) and this sequence's own length comes from
+    CU_SEQLENS (n + 1,); tiles starting at or past it have nothing to do (the caller returns).
+
+    Returns (batch offset (int64) in units of the batch stride: the sample index, or with VARLEN the
+    sequence's first token, the launcher passing the token stride as the batch stride; head (int64);
+    tile start; the sample's visible prefix; the sample's length; the int64 index of its position 0
+    in the fp32 row statistics (lse, delta): (B, H, S) padded, (H, T) with VARLEN)."""
     num_tiles = tl.cdiv(S, BLOCK)
     pid = tl.program_id(0)
     off_bh = pid // num_tiles
@@ -101,8 +113,18 @@ def program_coords(PREFIX, S, H, BLOCK: tl.constexpr, LAST_FIRST: tl.constexpr,
     if LAST_FIRST:
         tile = num_tiles - 1 - tile
     off_b = off_bh // H
-    prefix = visible_prefix(PREFIX, off_b, S, HAS_PREFIX, CAUSAL)
-    return off_bh, off_b.to(tl.int64), (off_bh % H).to(tl.int64), tile * BLOCK, prefix
+    off_h64 = (off_bh % H).to(tl.int64)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + off_b)
+        seq_len = tl.load(CU_SEQLENS + off_b + 1) - start
+        batch_off = start.to(tl.int64)
+        stats_row = off_h64 * T + batch_off
+    else:
+        seq_len = S
+        batch_off = off_b.to(tl.int64)
+        stats_row = off_bh.to(tl.int64) * S
+    prefix = visible_prefix(PREFIX, off_b, seq_len, HAS_PREFIX, CAUSAL)
+    return batch_off, off_h64, tile * BLOCK, prefix, seq_len, stats_row
 
 
 @triton.jit
@@ -226,15 +248,19 @@ def aligned_args(signature: dict[str, str]) -> tuple[str, ...]:
 
 
 def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int, case: str, has_prefix: bool,
-                  config: triton.Config, hot: bool, long_rows: bool = False, dtype: str = "bf16") -> KernelConfig:
+                  config: triton.Config, hot: bool, long_rows: bool = False, dtype: str = "bf16",
+                  varlen: bool = False) -> KernelConfig:
     """A compile-check entry for one of the tiled kernels (causal) at one autotuning config; the
     signature's pointers must be of `dtype` ("bf16", or "fp32" with exact dots); long_rows: int64
-    row offsets (S x stride past 2^31), AIMv2 sizes use int32."""
+    row offsets (S x stride past 2^31), AIMv2 sizes use int32; varlen: the packed-sequence variant
+    (the signature must then type CU_SEQLENS and T)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows)
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows, VARLEN=varlen)
     if not has_prefix:
         constexprs["PREFIX"] = None
+    if not varlen:
+        constexprs.update(CU_SEQLENS=None, T=None)
     label = f"{name} D={head_dim} {dtype} {case} {bm}x{bn} w{config.num_warps} s{config.num_stages}"
     return KernelConfig(label, kernel_fn, signature, constexprs, config.num_warps, config.num_stages,
                         hot=hot, divisible_by_16=aligned_args(signature))
@@ -259,11 +285,11 @@ def s_bucket(S: int) -> int:
 
 AUTOTUNE_ENV = "AIMV2_KERNELS_AUTOTUNE"
 # What one tuning result is reused for: the S bucket and every constexpr that changes the kernel's
-# work per tile (mask mode, dot precision); without them a config tuned on the causal decoder would
+# work per tile (mask mode, dot precision, packed sequences); without them a config tuned on the causal decoder would
 # be reused for the prefix encoder. The autotuner reads its key from keyword arguments as well as
 # positional ones (triton 3.6 to 3.9 alike), so the launchers pass these as keywords; it appends the
 # tensor dtypes itself. The head dim and device class pick the autotuner instance (`autotuned`).
-AUTOTUNE_KEY = ["S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION"]
+AUTOTUNE_KEY = ["S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION", "VARLEN"]
 
 
 def autotune_enabled() -> bool:

@@ -57,13 +57,13 @@ def attention_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
 ):
-    off_bh, off_b, off_h, m0, _ = program_coords(None, S, H, BLOCK_M, False, False, False)
+    off_b, off_h, m0, _, _, stats_row = program_coords(None, None, S, None, H, BLOCK_M, False, False, False, False)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o = load_rows(O + off_b * stride_ob + off_h * stride_oh, stride_os, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
     do = load_rows(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, offs_m, offs_d, S, True, LONG_ROWS)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + off_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
+    tl.store(DELTA + stats_row + offs_m, delta, mask=offs_m < S)
 
 
 @triton.jit
@@ -100,26 +100,34 @@ def attention_bwd_dkdv_kernel(
     LSE, DELTA,  # (B, H, S) fp32
     DK, DV,  # (B, H, S, D) outputs
     PREFIX,  # (B,) int32/int64 prefix lengths, or None when HAS_PREFIX is False
-    stride_qb, stride_qh, stride_qs,
+    CU_SEQLENS,  # VARLEN: (n + 1,) int32 sequence boundaries; else None
+    stride_qb, stride_qh, stride_qs,  # VARLEN: (token, head, token) strides of the (T, H, D) views
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
-    H, S,
+    H, S,  # VARLEN: S = max_seqlen, which only sizes the grid
+    T,  # VARLEN: total tokens (LSE, DELTA are (H, T)); else None
     S_BUCKET,  # autotuning key only
     sm_scale,  # softmax scale
     qk_scale,  # sm_scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
+    VARLEN: tl.constexpr,  # packed sequences: every tensor is (T, H, D), see program_coords
 ):
-    # Key blocks in natural order: the early ones, seen by the most queries, start first.
-    off_bh, off_b64, off_h64, n0, prefix = program_coords(PREFIX, S, H, BLOCK_N, False, HAS_PREFIX, CAUSAL)
+    # Key blocks in natural order: the early ones, seen by the most queries, start first. From here
+    # on S is this sample's (sequence's) length.
+    off_b64, off_h64, n0, prefix, S, stats_row = program_coords(PREFIX, CU_SEQLENS, S, T, H, BLOCK_N, False,
+                                                                HAS_PREFIX, CAUSAL, VARLEN)
+    if VARLEN:
+        if n0 >= S:  # the grid is sized for max_seqlen: this sequence has no keys here
+            return
     q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
-    lse_base = LSE + off_bh.to(tl.int64) * S
-    delta_base = DELTA + off_bh.to(tl.int64) * S
+    lse_base = LSE + stats_row
+    delta_base = DELTA + stats_row
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -169,20 +177,28 @@ def attention_bwd_dq_kernel(
     LSE, DELTA,  # (B, H, S) fp32
     DQ,  # (B, H, S, D) output
     PREFIX,  # (B,) int32/int64 prefix lengths, or None when HAS_PREFIX is False
-    stride_qb, stride_qh, stride_qs,
+    CU_SEQLENS,  # VARLEN: (n + 1,) int32 sequence boundaries; else None
+    stride_qb, stride_qh, stride_qs,  # VARLEN: (token, head, token) strides of the (T, H, D) views
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
-    H, S,
+    H, S,  # VARLEN: S = max_seqlen, which only sizes the grid
+    T,  # VARLEN: total tokens (LSE, DELTA are (H, T)); else None
     S_BUCKET,  # autotuning key only
     sm_scale,  # softmax scale
     qk_scale,  # sm_scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
+    VARLEN: tl.constexpr,  # packed sequences: every tensor is (T, H, D), see program_coords
 ):
-    off_bh, off_b64, off_h64, m0, prefix = program_coords(PREFIX, S, H, BLOCK_M, True, HAS_PREFIX, CAUSAL)
+    # From here on S is this sample's (sequence's) length.
+    off_b64, off_h64, m0, prefix, S, stats_row = program_coords(PREFIX, CU_SEQLENS, S, T, H, BLOCK_M, True,
+                                                                HAS_PREFIX, CAUSAL, VARLEN)
+    if VARLEN:
+        if m0 >= S:  # the grid is sized for max_seqlen: this sequence has no rows here
+            return
     k_base = K + off_b64 * stride_kb + off_h64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_h64 * stride_vh
 
@@ -191,8 +207,8 @@ def attention_bwd_dq_kernel(
     row_ok = offs_m < S
     q = load_rows(Q + off_b64 * stride_qb + off_h64 * stride_qh, stride_qs, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
     do = load_rows(DO + off_b64 * stride_dob + off_h64 * stride_doh, stride_dos, offs_m, offs_d, S, True, LONG_ROWS)
-    lse2 = tl.load(LSE + off_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * LOG2E_DEVICE
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE + stats_row + offs_m, mask=row_ok, other=0.0) * LOG2E_DEVICE
+    delta = tl.load(DELTA + stats_row + offs_m, mask=row_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_end, hi = key_ranges(m0, prefix, S, BLOCK_M, BLOCK_N)
@@ -218,11 +234,12 @@ def attention_backward(dout, q, k, v, out, lse, prefix_len, causal: bool, scale:
     prefix = prefix_argument(prefix_len, causal)
     has_prefix = prefix is not None
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    common = (H, S, s_bucket(S), scale, scale * LOG2E)
+    common = (H, S, None, s_bucket(S), scale, scale * LOG2E)
     long_offsets = long_rows(S, q, k, v, dout, out, dq, dk, dv)
-    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype), LONG_ROWS=long_offsets)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, prefix, *strides, *dk.stride()[:3], *dv.stride()[:3], *common)
-    dq_args = (q, k, v, dout, lse, delta, dq, prefix, *strides, *dq.stride()[:3], *common)
+    meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype), LONG_ROWS=long_offsets,
+                VARLEN=False)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, prefix, None, *strides, *dk.stride()[:3], *dv.stride()[:3], *common)
+    dq_args = (q, k, v, dout, lse, delta, dq, prefix, None, *strides, *dq.stride()[:3], *common)
     with device_context(q):
         attention_bwd_preprocess_kernel[(B * H * triton.cdiv(S, PREPROCESS_BLOCK_M),)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, S, HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M,
@@ -244,7 +261,7 @@ def _attention_bwd_triton(dout, q, k, v, out, lse, prefix_len, causal, scale, gr
 
 # ---- compile check -------------------------------------------------------------------------------
 
-def _signature(kernel: str, dtype: str, has_prefix: bool) -> dict[str, str]:
+def _signature(kernel: str, dtype: str, has_prefix: bool, varlen: bool = False) -> dict[str, str]:
     if kernel == "preprocess":
         sig = {"O": dtype, "DO": dtype, "DELTA": "*fp32"}
         sig.update({f"stride_{t}{d}": "i32" for t in ("o", "do") for d in "bhs"})
@@ -253,9 +270,12 @@ def _signature(kernel: str, dtype: str, has_prefix: bool) -> dict[str, str]:
     sig = {"Q": dtype, "K": dtype, "V": dtype, "DO": dtype, "LSE": "*fp32", "DELTA": "*fp32"}
     sig.update({name: dtype for name in outputs})
     sig["PREFIX"] = "*i32" if has_prefix else "constexpr"
+    sig["CU_SEQLENS"] = "*i32" if varlen else "constexpr"
     sig.update({f"stride_{t}{d}": "i32" for t in ("q", "k", "v", "do", *(o.lower() for o in outputs)) for d in "bhs"})
-    sig.update({"H": "i32", "S": "i32", "S_BUCKET": "i32", "sm_scale": "fp32", "qk_scale": "fp32"})
-    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS")})
+    sig.update({"H": "i32", "S": "i32", "T": "i32" if varlen else "constexpr", "S_BUCKET": "i32", "sm_scale": "fp32",
+                "qk_scale": "fp32"})
+    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS",
+                                               "VARLEN")})
     return sig
 
 

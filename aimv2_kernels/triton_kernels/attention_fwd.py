@@ -71,18 +71,26 @@ def attention_fwd_kernel(
     O,  # (B, H, S, D) output (a view of (B, S, H, D) memory)
     LSE,  # (B, H, S) fp32 output: natural-log log-sum-exp of each row's visible scores
     PREFIX,  # (B,) int32/int64 prefix lengths, or None when HAS_PREFIX is False
-    stride_qb, stride_qh, stride_qs,
+    CU_SEQLENS,  # VARLEN: (n + 1,) int32 sequence boundaries; else None
+    stride_qb, stride_qh, stride_qs,  # VARLEN: (token, head, token) strides of the (T, H, D) views
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_ob, stride_oh, stride_os,
-    H, S,
+    H, S,  # VARLEN: S = max_seqlen, which only sizes the grid
+    T,  # VARLEN: total tokens (LSE is (H, T)); else None
     S_BUCKET,  # autotuning key only
     qk_scale,  # softmax scale * log2(e)
     HAS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
+    VARLEN: tl.constexpr,  # packed sequences: Q, K, V, O are (T, H, D), see program_coords
 ):
-    off_bh, off_b64, off_h64, m0, prefix = program_coords(PREFIX, S, H, BLOCK_M, True, HAS_PREFIX, CAUSAL)
+    # From here on S is this sample's (sequence's) length.
+    off_b64, off_h64, m0, prefix, S, stats_row = program_coords(PREFIX, CU_SEQLENS, S, T, H, BLOCK_M, True,
+                                                                HAS_PREFIX, CAUSAL, VARLEN)
+    if VARLEN:
+        if m0 >= S:  # the grid is sized for max_seqlen: this sequence has no rows here
+            return
     q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     k_base = K + off_b64 * stride_kb + off_h64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_h64 * stride_vh
@@ -104,7 +112,7 @@ def attention_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(row_ptrs(o_base, stride_os, offs_m, offs_d, LONG_ROWS), out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
     lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log for the caller and the backward
-    tl.store(LSE + off_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
+    tl.store(LSE + stats_row + offs_m, lse, mask=offs_m < S)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -118,12 +126,12 @@ def attention_forward(q, k, v, prefix_len, causal: bool, scale: float):
     prefix = prefix_argument(prefix_len, causal)
     has_prefix = prefix is not None
     args = (
-        q, k, v, out, lse, prefix,
+        q, k, v, out, lse, prefix, None,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        H, S, s_bucket(S), scale * LOG2E,
+        H, S, None, s_bucket(S), scale * LOG2E,
     )
     meta = dict(HAS_PREFIX=has_prefix, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype),
-                LONG_ROWS=long_rows(S, q, k, v, out))
+                LONG_ROWS=long_rows(S, q, k, v, out), VARLEN=False)
     with device_context(q):
         launch(attention_fwd_kernel, "fwd", lambda c: (B * H * triton.cdiv(S, c["BLOCK_M"]),), q, args, meta)
     return out, lse
@@ -140,12 +148,14 @@ def _attention_fwd_triton(q, k, v, prefix_len, causal, scale):
 
 # ---- compile check -------------------------------------------------------------------------------
 
-def _signature(dtype: str, has_prefix: bool) -> dict[str, str]:
-    sig = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "*fp32", "PREFIX": "*i32" if has_prefix else "constexpr"}
+def _signature(dtype: str, has_prefix: bool, varlen: bool = False) -> dict[str, str]:
+    sig = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LSE": "*fp32", "PREFIX": "*i32" if has_prefix else "constexpr",
+           "CU_SEQLENS": "*i32" if varlen else "constexpr"}
     for t in "qkvo":
         sig.update({f"stride_{t}b": "i32", f"stride_{t}h": "i32", f"stride_{t}s": "i32"})
-    sig.update({"H": "i32", "S": "i32", "S_BUCKET": "i32", "qk_scale": "fp32"})
-    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS")})
+    sig.update({"H": "i32", "S": "i32", "T": "i32" if varlen else "constexpr", "S_BUCKET": "i32", "qk_scale": "fp32"})
+    sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS",
+                                               "VARLEN")})
     return sig
 
 
