@@ -97,15 +97,18 @@ def _bind_flex(mask_inside: bool):
     return bind
 
 
-def flex_providers(ctx: Context) -> list[Provider]:
+def flex_providers(ctx: Context, bind_flex=None) -> list[Provider]:
+    """FlexAttention with its block mask built outside ("flex") and inside ("flex+mask") the timed
+    region; bind_flex(mask_inside) -> the provider's bind (default: this suite's padded batches)."""
+    bind_flex = bind_flex or _bind_flex
     skip = P.needs_cuda(ctx, "FlexAttention")
     if skip is None:
         try:
             import torch.nn.attention.flex_attention  # noqa: F401
         except ImportError as exc:
             skip = f"skipped: FlexAttention does not import ({exc})"
-    return [Provider("flex", _bind_flex(False), skip=skip, mask="prefix"),
-            Provider("flex+mask", _bind_flex(True), skip=skip, mask="prefix")]
+    return [Provider("flex", bind_flex(False), skip=skip, mask="prefix"),
+            Provider("flex+mask", bind_flex(True), skip=skip, mask="prefix")]
 
 
 def flash_provider(ctx: Context) -> Provider:

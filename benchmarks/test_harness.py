@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aimv2_kernels.reference import prefix_visibility
-from benchmarks import SUITES, attention, loss, step
+from benchmarks import SUITES, attention, loss, step, varlen
 from benchmarks import providers as P
 from benchmarks.__main__ import main
 from benchmarks.harness import Card, Context, Result
@@ -208,3 +208,74 @@ def test_step_flops_match_a_flop_counter_on_the_reference_model():
     macs = step.matmul_macs_per_image(c)
     assert counts["aten.mm"] + counts["aten.addmm"] == 3 * 2 * B * (sum(macs.values()) - macs["patch_embed"])
     assert counts["aten.convolution"] == 2 * B * macs["patch_embed"]
+
+
+# ---- varlen ----------------------------------------------------------------------------------------
+
+def _varlen_batch():
+    return varlen.draw_batch(*varlen.SMOKE_SHAPES[0], seed=7)
+
+
+def test_varlen_batch_pairs_and_flex_mask_match_a_block_diagonal_prefix_mask():
+    batch = _varlen_batch()
+    assert (batch.prefix >= 1).all() and (batch.prefix < batch.lengths).all()
+    assert batch.lengths.min() >= varlen.SMOKE_SHAPES[0][1] and batch.lengths.max() <= varlen.SMOKE_SHAPES[0][2]
+    T, bounds = batch.tokens, batch.cu_seqlens.tolist()
+    want = torch.zeros(T, T, dtype=torch.bool)
+    for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        want[a:b, a:b] = prefix_visibility(b - a, batch.prefix[s : s + 1])[0]
+    idx = torch.arange(T)
+    got = varlen.doc_prefix_mask_mod(batch)(0, 0, idx.view(T, 1), idx.view(1, T))
+    assert torch.equal(got, want)
+    assert varlen.useful_pairs(batch) == batch.heads * int(want.sum())
+    x = torch.randn(T, 3, 2)
+    assert torch.equal(varlen.unpad(varlen.pad(x, batch), batch), x)
+
+
+def test_varlen_ours_padded_and_sdpa_agree_on_the_valid_rows():
+    """Same values in the packed and padded inputs, so every provider computes the same outputs and
+    (for an output gradient that is zero on the padding) the same input gradients on the valid rows."""
+    import aimv2_kernels as ak
+
+    if HAS_CUDA:
+        pytest.skip("CPU check of the smoke sizes; the GPU runs the suite itself")
+    batch = _varlen_batch()
+    packed, padded, dense, _ = varlen.make_inputs(batch, torch.float32, torch.device("cpu"), True)
+    assert torch.equal(varlen.unpad(padded, batch), packed)
+    dout = torch.randn(batch.tokens, batch.heads, batch.dim)
+    with ak.use_backend("triton"):
+        ours = varlen.ours_fn(packed, padded, dense, batch)  # (T, H, D)
+        pad_out = varlen.padded_fn(packed, padded, dense, batch)  # (B, H, S, D)
+        (ours * dout).sum().backward()
+        (pad_out * varlen.pad(dout, batch).transpose(1, 2)).sum().backward()
+    sdpa = varlen.unpad(varlen.sdpa_dense(packed, padded, dense, batch).transpose(1, 2), batch)
+    pad_rows = varlen.unpad(pad_out.transpose(1, 2), batch)
+    torch.testing.assert_close(pad_rows, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sdpa, ours, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(varlen.unpad(padded.grad, batch), packed.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_smoke_run_measures_ours_and_the_padded_batch(tmp_path):
+    if HAS_CUDA:
+        pytest.skip("on a GPU this is the real benchmark: run python -m benchmarks --suite varlen")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--quick", "--suite", "varlen", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    records = doc["records"]
+    assert {r["suite"] for r in records} == {"varlen"} and all(set(r) == RECORD_FIELDS for r in records)
+    by = {(r["provider"], r["mode"]): r for r in records}
+    for mode in ("fwd", "fwd+bwd"):
+        for name in ("ours-triton", varlen.PADDED, "sdpa dense mask"):
+            assert by[(name, mode)]["ms"] > 0 and by[(name, mode)]["unit"] == "TFLOP/s", (name, mode)
+        assert by[("ours-triton", mode)]["ours"] and not by[(varlen.PADDED, mode)]["ours"]
+        assert varlen.PADDED in by[("ours-triton", mode)]["ratio_to"]
+        assert by[("flex", mode)]["note"] == by[("flex+mask", mode)]["note"] == "skipped: FlexAttention needs a CUDA GPU"
+        # the same useful work for every provider: TFLOP/s * ms is constant across a case
+        work = {r["metric"] * r["ms"] for r in records if r["mode"] == mode and r["ms"]}
+        assert max(work) == pytest.approx(min(work))
+    targets = {t["label"]: t for t in doc["targets"]}
+    assert len(targets) == 2 and all(t["threshold"] == 1.5 and t["sense"] == ">=" for t in targets.values())
+    assert all(t["value"] is not None and t["met"] in (True, False) for t in targets.values())

@@ -50,7 +50,7 @@ KERNEL_TESTS = (
     "tests/test_norm_mixed_dtype.py", "tests/test_attention_varlen.py",
 )
 SMOKE_TESTS = ("tests/test_rms_norm_triton.py",)  # the plumbing, not the coverage, on the CPU
-BENCH_SUITES = {"bench-attention": ("attention",), "bench-loss": ("loss",),
+BENCH_SUITES = {"bench-attention": ("attention", "varlen"), "bench-loss": ("loss",),
                 "bench-norm": ("norm", "swiglu"), "bench-step": ("step",)}
 
 
