@@ -65,7 +65,7 @@ STAGES = (
     Stage("env", 70, "card, driver, versions, peers; the CUDA extension built for this card only"),
     Stage("tests", 145, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
     Stage("sanitizer", 35, "compute-sanitizer memcheck over one small forward+backward of every op on every backend"),
-    Stage("bench-attention", 60, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal"),
+    Stage("bench-attention", 60, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal; then varlen"),
     Stage("bench-loss", 40, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
     Stage("bench-norm", 40, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
     Stage("bench-step", 30, "AIMv2-L training step: ours, eager reference, then ours and the reference compiled"),
