@@ -161,6 +161,33 @@ def test_strided_views_of_packed_qkv(impl, device):
     _assert_launched(impl)
 
 
+@pytest.mark.parametrize("prefix_layout", ["strided", "expanded"])
+def test_strided_cu_seqlens_and_prefix_len(impl, device, prefix_layout):
+    """The small side inputs as views: cu_seqlens every other element of a larger tensor with a
+    storage offset, prefix_len strided or expanded from one value."""
+    lengths = [6, 0, 21, 9]
+    cu_dense = _cu(lengths, device)
+    holder = torch.full((2 * len(cu_dense) + 3,), 999, dtype=torch.int32, device=device)
+    holder[3::2] = cu_dense
+    cu = holder[3::2]  # stride 2, offset 3: reading by element index gives 999s
+    assert cu.stride(0) == 2 and cu.storage_offset() == 3
+    if prefix_layout == "strided":
+        prefix_len = torch.tensor([4, 77, 0, 77, 30, 77, 2, 77], device=device)[::2]
+    else:
+        prefix_len = torch.tensor([3], device=device).expand(len(lengths))
+    T = sum(lengths)
+    q, k, v = _qkv(T, device, grad=True)
+    out = ak.prefix_causal_attention_varlen(q, k, v, cu, max(lengths), prefix_len)
+    expected = _dense_oracle(q, k, v, cu_dense, prefix_len.contiguous(), True)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-4)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=5e-5, rtol=5e-4)
+    _assert_launched(impl)
+
+
 def test_all_sequences_empty(impl, device):
     q, k, v = _qkv(0, device, grad=True)
     out = ak.prefix_causal_attention_varlen(q, k, v, _cu([0, 0], device), 0, 1)
