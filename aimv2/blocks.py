@@ -19,6 +19,9 @@ from torch import Tensor, nn
 import aimv2_kernels as ak
 
 
+# (cu_seqlens (n + 1,) int32, max_seqlen host int) of packed sequences
+Packing = tuple[Tensor, int]
+
 # Update dtypes that ak.rms_norm_residual adds into a (wider) float32 stream.
 _NARROW_UPDATES = (torch.float16, torch.bfloat16)
 
@@ -53,23 +56,28 @@ class Block(nn.Module):
         self.norm2 = ak.nn.RMSNorm(dim, eps=eps)
         self.mlp = ak.nn.SwiGLU(dim, hidden)
 
-    def forward(self, stream: Tensor, update: Tensor | None, prefix_len: Tensor | None, causal: bool) -> tuple[Tensor, Tensor]:
-        """stream, update (B, S, D) -> (stream, update) with this block's MLP output left pending."""
+    def forward(self, stream: Tensor, update: Tensor | None, prefix_len: Tensor | None, causal: bool,
+                packing: Packing | None = None) -> tuple[Tensor, Tensor]:
+        """stream, update (B, S, D), or (T, D) packed -> (stream, update) with this block's MLP output
+        left pending."""
         h, stream = add_norm(update, stream, self.norm1)
-        attn_out = self.attn(h, prefix_len, causal=causal)
+        packed = {} if packing is None else {"cu_seqlens": packing[0], "max_seqlen": packing[1]}
+        attn_out = self.attn(h, prefix_len, causal=causal, **packed)
         h, stream = add_norm(attn_out, stream, self.norm2)
         return stream, self.mlp(h)
 
 
 def run_blocks(blocks: nn.ModuleList, final_norm: ak.nn.RMSNorm, x: Tensor, prefix_len: Tensor | None = None,
-               causal: bool = True, *, update: Tensor | None = None) -> Tensor:
+               causal: bool = True, *, update: Tensor | None = None, packing: Packing | None = None) -> Tensor:
     """x + update (B, S, D each) through every block, then the final norm: (B, S, D).
 
     x is the residual stream and update the first addition to it (None: nothing), left to the first
     block's norm1 so that the add is fused there too; x may be a broadcast view (expanded positions).
+    packing (cu_seqlens, max_seqlen): x and update are (T, D) packed sequences, prefix_len one per
+    sequence, and attention stays inside each sequence.
     """
     for block in blocks:
-        x, update = block(x, update, prefix_len, causal)
+        x, update = block(x, update, prefix_len, causal, packing)
     return add_norm(update, x, final_norm)[0]
 
 

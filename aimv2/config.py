@@ -19,6 +19,9 @@ class AIMv2Config:
     image_size: int = 224  # square input side in pixels
     patch_size: int = 14  # square patch side; the patch conv uses kernel = stride = patch_size
     channels: int = 3  # image channels
+    # native resolution: 2-D sinusoidal positions (no learned table), so images of any grid of patches
+    # are accepted, alone or packed; image_size is then only the default square size
+    native: bool = False
     # ---- vision encoder (the trunk kept after pre-training); defaults: AIMv2-L ----
     enc_dim: int = 1024  # width D
     enc_depth: int = 24  # number of pre-norm blocks
@@ -55,6 +58,8 @@ class AIMv2Config:
             if dim % heads or dim // heads not in SUPPORTED_HEAD_DIMS:
                 raise ValueError(f"{prefix}_dim / {prefix}_heads = {dim} / {heads} must be one of the supported head "
                                  f"dims {SUPPORTED_HEAD_DIMS}")
+        if not isinstance(self.native, bool):
+            raise TypeError(f"native must be a bool, got {self.native!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"pad_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
         if not self.alpha >= 0:
@@ -86,7 +91,8 @@ class AIMv2Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "AIMv2Config":
-        """A named configuration ("tiny", "large", "huge", "1b", "3b") with optional field overrides."""
+        """A named configuration ("tiny", "large", "huge", "1b", "3b") with optional field overrides;
+        `native=True` makes any of them native-resolution."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}

@@ -8,6 +8,7 @@ import aimv2_kernels as ak
 
 from .blocks import init_weights, make_blocks, run_blocks
 from .config import AIMv2Config
+from .packing import DecoderLayout
 
 
 class AIMv2Decoder(nn.Module):
@@ -69,6 +70,27 @@ class AIMv2Decoder(nn.Module):
         pixel_pred = self.pixel_head(h[:, : N - 1])
         text_hidden = h[:, N : N + T]  # BOS .. token T-2; the last token's output predicts nothing
         return pixel_pred, text_hidden
+
+    def forward_packed(self, features: Tensor, lengths: list[int], tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Packed images: features (T, enc_dim) of n images of N_i = lengths[i] patches back to back,
+        tokens (n, L) -> pixel_pred (T - n, patch_dim) for patches 1 .. N_i - 1 of each image (image
+        after image), text_hidden (n, L, dec_dim).
+
+        Each image's own sequence [N_i image tokens | BOS | L tokens] runs causally, packed with the
+        others and never seeing them; the positions and outputs are those of `forward` per image."""
+        n = len(lengths)
+        self._check_tokens(tokens, n)
+        L = tokens.shape[1]
+        layout = DecoderLayout.build(lengths, L, features.device)
+        image = self.image_proj(features)  # (T, dec_dim)
+        text = torch.cat([self.bos.expand(n, -1, -1), self.token_embed(tokens)], dim=1).flatten(0, 1)  # (n * (L + 1), dec_dim)
+        # one gather puts every row in its sequence; positions (none on image rows) go the same way
+        content = torch.cat([image, text])[layout.order]  # (S, dec_dim)
+        positions = torch.cat([self.pos_embed.new_zeros(features.shape[0], self.config.dec_dim),
+                               self.pos_embed[0, : L + 1].repeat(n, 1)])[layout.order]
+        h = run_blocks(self.blocks, self.norm, positions, None, causal=True, update=content,
+                       packing=(layout.cu_seqlens, layout.max_seqlen))  # (S, dec_dim)
+        return self.pixel_head(h[layout.pixel_rows]), h[layout.text_rows]
 
     def text_logits(self, text_hidden: Tensor) -> Tensor:
         """(B, T, dec_dim) -> (B, T, vocab) logits; materializes them, for inspection and sampling only."""

@@ -1,4 +1,5 @@
-"""Conversion between `AIMv2Encoder` and transformers' `Aimv2VisionModel` (the non-native variant).
+"""Conversion between `AIMv2Encoder` and transformers' `Aimv2VisionModel` (learned-position and
+native-resolution variants).
 
 A layer below the encoder: configs and state dicts only, so `AIMv2Encoder.from_transformers` and
 `to_transformers_state_dict` import it and it imports nothing of the model.
@@ -9,7 +10,8 @@ with three, so qkv is their q, k and v stacked along the output dim:
 
     patch_embed.{weight,bias}     <- embeddings.patch_embed.{weight,bias}
     patch_norm.weight             <- embeddings.rms_norm.weight
-    pos_embed (1, N, D)           <- embeddings.position_embedding.weight (N, D)
+    pos_embed (1, N, D)           <- embeddings.position_embedding.weight (N, D)   (not when is_native:
+                                     both sides compute the same 2-D sin-cos embedding)
     blocks.i.norm1.weight         <- encoder.layers.i.rms_norm1.weight
     blocks.i.attn.qkv.weight      <- cat(encoder.layers.i.attention.{q,k,v}_proj.weight)
     blocks.i.attn.proj.weight     <- encoder.layers.i.attention.out_proj.weight
@@ -18,8 +20,8 @@ with three, so qkv is their q, k and v stacked along the output dim:
     norm.weight                   <- rms_norm.weight
 
 The attention-pooling head (`head.*`, present when use_head=True) is not part of the trunk and is not
-converted. Variants we do not implement (native resolution with sinusoidal positions, biases in
-attention or MLP, another activation) are refused with a ValueError.
+converted. Variants we do not implement (biases in attention or MLP, another activation) are refused
+with a ValueError.
 """
 from __future__ import annotations
 
@@ -46,7 +48,6 @@ def _side(value, name: str) -> int:
 def config_from_transformers(hf_config, **overrides) -> AIMv2Config:
     """An AIMv2Config whose encoder matches an `Aimv2VisionConfig` (decoder fields keep their defaults)."""
     unsupported = {
-        "is_native": getattr(hf_config, "is_native", False),
         "qkv_bias": getattr(hf_config, "qkv_bias", False),
         "mlp_bias": getattr(hf_config, "mlp_bias", False),
     }
@@ -59,6 +60,7 @@ def config_from_transformers(hf_config, **overrides) -> AIMv2Config:
         image_size=_side(hf_config.image_size, "image_size"), patch_size=_side(hf_config.patch_size, "patch_size"),
         channels=hf_config.num_channels, enc_dim=hf_config.hidden_size, enc_depth=hf_config.num_hidden_layers,
         enc_heads=hf_config.num_attention_heads, enc_hidden=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps,
+        native=bool(getattr(hf_config, "is_native", False)),
     )
     fields.update(overrides)
     return AIMv2Config(**fields)
@@ -70,7 +72,7 @@ def transformers_config_kwargs(config: AIMv2Config) -> dict:
     return dict(hidden_size=c.enc_dim, intermediate_size=c.enc_hidden, num_hidden_layers=c.enc_depth,
                 num_attention_heads=c.enc_heads, num_channels=c.channels, image_size=c.image_size,
                 patch_size=c.patch_size, rms_norm_eps=c.norm_eps, qkv_bias=False, mlp_bias=False,
-                hidden_act="silu", is_native=False, use_head=False)
+                hidden_act="silu", is_native=c.native, use_head=False)
 
 
 def _renamed_keys(depth: int) -> list[tuple[str, str]]:
@@ -91,19 +93,21 @@ def _qkv_keys(depth: int) -> list[tuple[str, list[str]]]:
             for i in range(depth)]
 
 
-def state_dict_from_transformers(hf_state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+def state_dict_from_transformers(hf_state: dict[str, Tensor], depth: int, native: bool = False) -> dict[str, Tensor]:
     """Our encoder's state dict from an `Aimv2VisionModel` state dict."""
     ours = {mine: hf_state[theirs] for mine, theirs in _renamed_keys(depth)}
-    ours["pos_embed"] = hf_state[_POS_KEY].unsqueeze(0)  # (N, D) -> (1, N, D)
+    if not native:
+        ours["pos_embed"] = hf_state[_POS_KEY].unsqueeze(0)  # (N, D) -> (1, N, D)
     for fused, parts in _qkv_keys(depth):
         ours[fused] = torch.cat([hf_state[k] for k in parts], dim=0)  # (3D, D)
     return ours
 
 
-def state_dict_to_transformers(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+def state_dict_to_transformers(state: dict[str, Tensor], depth: int, native: bool = False) -> dict[str, Tensor]:
     """An `Aimv2VisionModel` state dict (no pooling head) from our encoder's state dict."""
     theirs = {their_key: state[mine] for mine, their_key in _renamed_keys(depth)}
-    theirs[_POS_KEY] = state["pos_embed"].squeeze(0)
+    if not native:
+        theirs[_POS_KEY] = state["pos_embed"].squeeze(0)
     for fused, parts in _qkv_keys(depth):
         theirs.update(zip(parts, state[fused].chunk(3, dim=0)))
     return theirs

@@ -79,3 +79,37 @@ def target_mask(prefix_len: Tensor, num_patches: int) -> Tensor:
     """
     targets = torch.arange(1, num_patches, device=prefix_len.device)  # (N - 1,) indices of predicted patches
     return targets.unsqueeze(0) >= prefix_len.unsqueeze(1)
+
+
+def resolve_packed_prefix_len(prefix_len, lengths: list[int], *, training: bool, eval_default: int | None,
+                              device, generator: torch.Generator | None = None) -> Tensor:
+    """The (n,) int prefix tensor of a packed batch of images with N_i = lengths[i] patches.
+
+    As `resolve_prefix_len`, per image: None draws uniform in 1..N_i - 1 when training (each image
+    needs N_i >= 2), else uses `eval_default` capped at N_i (None -> N_i // 2); an int is broadcast;
+    values must lie in 0..N_i (checked for ints and CPU tensors)."""
+    n = len(lengths)
+    sizes = torch.tensor(lengths, dtype=torch.long)
+    if prefix_len is None:
+        if training:
+            if min(lengths) < 2:
+                raise ValueError(f"every image needs at least 2 patches to sample a prefix in 1..N-1, got {min(lengths)}")
+            draws = torch.rand(n, generator=generator, dtype=torch.float64)  # host: the same draws on any device
+            return ((draws * (sizes - 1)).long().clamp_max(sizes - 2) + 1).to(device, non_blocking=True)
+        default = sizes // 2 if eval_default is None else sizes.clamp_max(eval_default)
+        return default.to(device, non_blocking=True)
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, Tensor)):
+        raise TypeError(f"prefix_len must be None, an int or an int tensor of shape (n,), got {type(prefix_len).__name__}")
+    if isinstance(prefix_len, int):
+        if not 0 <= prefix_len <= min(lengths):
+            raise ValueError(f"prefix_len must be in [0, {min(lengths)}] (the smallest image's patches), got {prefix_len}")
+        return torch.full((n,), prefix_len, dtype=torch.long, device=device)
+    if prefix_len.dtype not in (torch.int32, torch.int64) or tuple(prefix_len.shape) != (n,):
+        raise ValueError(f"prefix_len must be an int32/int64 tensor of shape ({n},), one per image, got "
+                         f"{prefix_len.dtype} {tuple(prefix_len.shape)}")
+    if prefix_len.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ((prefix_len < 0) | (prefix_len > sizes)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(f"prefix_len[{i}] = {int(prefix_len[i])} is outside [0, {lengths[i]}] (image {i}'s patches)")
+    return prefix_len.to(device, non_blocking=True)

@@ -4,13 +4,15 @@
     aimv2-train --preset large --data shards/ --batch-size 2048 --grad-accum 8 --out runs/l
     torchrun --nproc_per_node=8 -m aimv2.train --preset large --data shards/ [--fsdp]
     aimv2-train --resume --out runs/l             # continue from the newest checkpoint
+    aimv2-train --native-resolution               # images at their own sizes, packed by --max-tokens
 
 One optimizer step consumes a global batch (--batch-size) split over processes and accumulation
 micro-batches. Each micro-batch's loss is weighted by its share of the step's counted patches and
 tokens, so the gradient is that of the global batch's token-mean loss whatever the split: one process,
 two processes or accumulation give the same step (tests/test_distributed.py). Prefix lengths come from
 a generator seeded by (seed, step), and augmentation from (seed, epoch, sample), so a resumed run
-repeats an uninterrupted one exactly on CPU.
+repeats an uninterrupted one exactly on CPU. With --native-resolution the step is filled to a patch
+budget instead of an image count (train_batches.py).
 
 Output directory: metrics.jsonl, loss.png, checkpoints/step_*.pt (the newest K), config.json.
 """
@@ -35,11 +37,13 @@ import aimv2_kernels as ak
 
 from . import checkpoint as ckpt
 from .config import AIMv2Config
-from .data import BatchKeys, CaptionDataset, SampleOrder, ShapesDataset, load_tokenizer, make_loader, micro_batch_size, open_source, transform_for
+from .data import CaptionDataset, ShapesDataset, load_tokenizer, native_transform_for, open_source, transform_for
 from .distributed import DistInfo, all_reduce_sum, any_process, barrier, full_state, gradient_sync, init_distributed, load_full_state, shutdown, wrap_model
 from .metrics import MetricsLog, read_metrics, summarize
 from .model import AIMv2Model
 from .optim import build_optimizer, build_scheduler
+from .packing import PackedImages
+from .train_batches import NativeBatches, SquareBatches
 from .train_config import TrainConfig, merge_for_resume, parse_args
 
 
@@ -81,7 +85,7 @@ def _say(info: DistInfo, *args) -> None:
 def model_config_for(cfg: TrainConfig, tokenizer, source) -> AIMv2Config:
     """The preset with --model overrides, the tokenizer's vocabulary and pad id, and the caption
     length (--max-text-len; for built-in data at least the longest built-in caption)."""
-    base = AIMv2Config.preset(cfg.preset, **cfg.model)
+    base = AIMv2Config.preset(cfg.preset, **{"native": cfg.native_resolution, **cfg.model})
     text_len = cfg.max_text_len or base.max_text_len
     if cfg.max_text_len is None and isinstance(source, ShapesDataset):
         text_len = max(text_len, source.max_caption_tokens(tokenizer))
@@ -119,11 +123,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prefix_lengths(seed: int, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
-    """(global_batch,) int64 in 1..N-1, a pure function of (seed, step), sliced per rank and
-    micro-batch in the same layout as the data (BatchKeys)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
-    return torch.randint(1, num_patches, (global_batch,), generator=generator)
+def _blank(inputs):
+    """The same batch with every pixel at the (normalized) mean: zeros."""
+    if isinstance(inputs, PackedImages):
+        return PackedImages(torch.zeros_like(inputs.patches), inputs.grid, inputs.cu_seqlens)
+    return torch.zeros_like(inputs)
 
 
 class Trainer:
@@ -144,9 +148,11 @@ class Trainer:
         _seed_everything(cfg.seed)  # same model init on every process
 
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.source = open_source(cfg.data, self._image_size(state), cfg.seed, cfg.builtin_size)
+        base = AIMv2Config(**state["model_config"]) if state else AIMv2Config.preset(cfg.preset, **cfg.model)
+        self.max_patches = cfg.max_patches or base.num_patches
+        native_sizes = dict(patch_size=base.patch_size, max_patches=self.max_patches) if cfg.native_resolution else {}
+        self.source = open_source(cfg.data, base.image_size, cfg.seed, cfg.builtin_size, **native_sizes)
         self.model_config = AIMv2Config(**state["model_config"]) if state else model_config_for(cfg, self.tokenizer, self.source)
-        self.micro = micro_batch_size(cfg.batch_size, cfg.grad_accum, info.world)
 
         model = AIMv2Model(self.model_config).to(info.device)
         self.raw_model = model
@@ -160,21 +166,29 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-        dataset = CaptionDataset(self.source, self.tokenizer, self.model_config.max_text_len,
-                                 transform_for(self.source, self.model_config.image_size), cfg.seed)
-        keys = BatchKeys(SampleOrder(len(self.source), cfg.seed), cfg.batch_size, cfg.grad_accum, info.rank, info.world, start_step=self.step)
-        self.loader = make_loader(dataset, keys, cfg.workers, pin_memory=info.device.type == "cuda", worker_init_fn=_ignore_sigint)
-        self.batches = iter(self.loader)
+        self.batches = self._make_batches(state)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and info.device.type == "cuda" else nullcontext())
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=self.step if state else None) if info.is_main else None
         if info.is_main:
             with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump({"train": cfg.to_dict(), "model": dataclasses.asdict(self.model_config)}, f, indent=2)
 
-    def _image_size(self, state) -> int:
-        if state is not None:
-            return state["model_config"]["image_size"]
-        return AIMv2Config.preset(self.cfg.preset, **self.cfg.model).image_size
+    def _make_batches(self, state) -> SquareBatches | NativeBatches:
+        cfg, c = self.cfg, self.model_config
+        common = dict(seed=cfg.seed, grad_accum=cfg.grad_accum, info=self.info, pad_id=c.pad_id, workers=cfg.workers,
+                      worker_init_fn=_ignore_sigint)
+        if cfg.native_resolution:
+            dataset = CaptionDataset(self.source, self.tokenizer, c.max_text_len,
+                                     native_transform_for(self.source, c.patch_size, self.max_patches), cfg.seed)
+            try:
+                return NativeBatches(dataset, len(self.source), max_tokens=cfg.max_tokens or cfg.batch_size * c.num_patches,
+                                     max_patches=self.max_patches, patch_size=c.patch_size,
+                                     saved=state["data"] if state else None, **common)
+            except ValueError as exc:
+                raise SystemExit(f"aimv2-train: {exc}") from exc
+        dataset = CaptionDataset(self.source, self.tokenizer, c.max_text_len, transform_for(self.source, c.image_size), cfg.seed)
+        return SquareBatches(dataset, len(self.source), global_batch=cfg.batch_size, num_patches=c.num_patches,
+                             start_step=self.step, **common)
 
     def _restore(self, state: dict, path: str) -> None:
         load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
@@ -183,36 +197,34 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped = int(state.get("metrics", {}).get("skipped", 0))
         data = state["data"]
-        if data.get("dataset_size") != len(self.source) or data.get("batch_size") != self.cfg.batch_size:
+        if not self.cfg.native_resolution and (data.get("dataset_size") != len(self.source) or data.get("batch_size") != self.cfg.batch_size):
             _say(self.info, "aimv2-train: warning: the data or batch size differ from the checkpoint's; the sample order will not continue exactly")
         _say(self.info, f"aimv2-train: resumed from {path} at step {self.step}")
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
-        cfg, info, N = self.cfg, self.info, self.model_config.num_patches
-        micro_batches = [next(self.batches) for _ in range(cfg.grad_accum)]
-        prefix_all = _prefix_lengths(cfg.seed, self.step, cfg.batch_size, N)
-        pixel_total = float((N - prefix_all).sum())  # counted patches in the global batch
-        local = torch.tensor([sum(int((b["tokens"] != self.model_config.pad_id).sum()) for b in micro_batches),
-                              sum(b["skipped"] for b in micro_batches)], dtype=torch.float64, device=info.device)
-        text_total, skipped = all_reduce_sum(local, info).tolist()  # counted caption tokens, skipped samples
-        text_total = max(text_total, 1.0)
+        cfg, info = self.cfg, self.info
+        micro_batches = self.batches.next_step(self.step)
+        local = torch.tensor([sum(m.pixels for m in micro_batches), sum(m.words for m in micro_batches),
+                              sum(m.skipped for m in micro_batches), sum(m.images for m in micro_batches)],
+                             dtype=torch.float64, device=info.device)
+        # counted patches and caption tokens of the global batch, skipped samples, images
+        pixel_total, text_total, skipped, images = all_reduce_sum(local, info).tolist()
+        pixel_total, text_total = max(pixel_total, 1.0), max(text_total, 1.0)
 
         sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # weighted pixel, text losses
         for m, batch in enumerate(micro_batches):
-            start = (m * info.world + info.rank) * self.micro
-            prefix = prefix_all[start:start + self.micro]
-            # this micro-batch's share of the global batch's counted patches and tokens (from host
-            # tensors: no device sync); x world because the gradient all-reduce averages over processes
-            w_pixel = float((N - prefix).sum()) / pixel_total * info.world
-            w_text = float((batch["tokens"] != self.model_config.pad_id).sum()) / text_total * info.world
-            images = batch["image"].to(info.device, non_blocking=True)
-            tokens = batch["tokens"].to(info.device, non_blocking=True)
+            # this micro-batch's share of the global batch's counted patches and tokens (host ints:
+            # no device sync); x world because the gradient all-reduce averages over processes
+            w_pixel = batch.pixels / pixel_total * info.world
+            w_text = batch.words / text_total * info.world
+            inputs = batch.inputs.to(info.device, non_blocking=True)
+            tokens = batch.tokens.to(info.device, non_blocking=True)
             if cfg.blank_images:
-                images = torch.zeros_like(images)
+                inputs = _blank(inputs)
             with gradient_sync(self.model, sync=m == cfg.grad_accum - 1):  # forward and backward
                 with self.autocast:
-                    loss = self.model(images, tokens, prefix.to(info.device))
+                    loss = self.model(inputs, tokens, batch.prefix.to(info.device))
                     objective = self.model_config.alpha * loss.pixel * w_pixel + loss.text * w_text
                 objective.backward()
             sums += torch.stack([loss.pixel.detach() * w_pixel, loss.text.detach() * w_text]).double() / info.world
@@ -229,11 +241,12 @@ class Trainer:
         self.skipped += int(skipped)
         pixel, text = sums.tolist()
         return {"pixel_loss": pixel, "text_loss": text, "loss": self.model_config.alpha * pixel + text,
-                "lr": lr, "grad_norm": float(grad_norm)}
+                "lr": lr, "grad_norm": float(grad_norm), "images": int(images)}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:
         model_state, optim_state = full_state(self.model, self.optimizer)
+        data_state = self.batches.state(self.step)  # a collective for native runs: every process calls it
         path = ckpt.checkpoint_path(self.cfg.out_dir, self.step)
         if self.info.is_main:
             ckpt.save_checkpoint({
@@ -242,8 +255,7 @@ class Trainer:
                 "optimizer": optim_state,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.capture_rng_state(),
-                "data": {"samples_seen": self.step * self.cfg.batch_size, "dataset_size": len(self.source),
-                         "batch_size": self.cfg.batch_size, "seed": self.cfg.seed},
+                "data": data_state,
                 "train_config": self.cfg.to_dict(),
                 "model_config": dataclasses.asdict(self.model_config),
                 "metrics": {"skipped": self.skipped},
@@ -259,8 +271,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         n_params = sum(p.numel() for p in self.raw_model.parameters())
         _say(info, f"aimv2-train: preset {cfg.preset} ({n_params / 1e6:.2f}M parameters), data {self.source.describe()}, "
-                   f"device {info.device}, {info.world} process(es), batch {cfg.batch_size} "
-                   f"({self.micro} per micro-batch x {cfg.grad_accum} accumulation x {info.world}), steps {cfg.steps}, out {cfg.out_dir}")
+                   f"device {info.device}, {info.world} process(es), {self.batches.describe()}, steps {cfg.steps}, out {cfg.out_dir}")
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not (info.is_main and cfg.progress),
                    file=sys.stderr, mininterval=0.5)
         start_time = time.perf_counter()
@@ -275,7 +286,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
-                record = {"step": self.step, **record, "samples_per_s": cfg.batch_size / dt,
+                record = {"step": self.step, **record, "samples_per_s": record["images"] / dt,
                           "elapsed_s": time.perf_counter() - start_time, "skipped": self.skipped}
                 if info.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self.metrics.write(record)

@@ -34,6 +34,9 @@ class TrainConfig:
     data: str = _opt("builtin", "'builtin' (procedural shapes), a .tar shard, a directory of shards, or a .jsonl file")
     builtin_size: int = _opt(1_000_000, "number of distinct built-in samples")
     workers: int | None = _opt(None, "data loader worker processes per training process, 0 loads in the training process (default: half the CPU cores shared among the local processes, 1 to 8)")
+    native_resolution: bool = _opt(False, "train a native-resolution model (2-D sin-cos positions) on images at their own sizes and aspect ratios, packed into batches by --max-tokens")
+    max_tokens: int | None = _opt(None, "with --native-resolution: image patches per optimizer step over all processes and micro-batches; images are added while they fit (default: --batch-size x the preset's patches per image)")
+    max_patches: int | None = _opt(None, "with --native-resolution: the most patches one image may have; larger images shrink, keeping their aspect ratio (default: the preset's patches per image)")
     blank_images: bool = _opt(False, "replace every image by the blank (mean) image: the control run that shows captions are learned from pixels")
     # ---- optimization ----
     steps: int = _opt(700, "optimizer steps")
@@ -81,6 +84,15 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, grad_clip >= 0, weight_decay >= 0; got {self.lr}, {self.grad_clip}, {self.weight_decay}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("max_tokens", "max_patches"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+                raise ValueError(f"{name} must be an integer >= 2 or None, got {value!r}")
+            if value is not None and not self.native_resolution:
+                raise ValueError(f"--{name.replace('_', '-')} applies only with --native-resolution")
+        if self.native_resolution and self.compile:
+            raise ValueError("--compile does not combine with --native-resolution yet: every packed batch has new "
+                             "sizes, so the compiled model would recompile at every step")
         if not isinstance(self.model, dict):
             raise TypeError(f"model overrides must be a mapping, got {type(self.model).__name__}")
 
@@ -88,7 +100,8 @@ class TrainConfig:
     def out_dir(self) -> str:
         if self.out:
             return self.out
-        return os.path.join("runs", f"aimv2-{self.preset}" + ("-blank" if self.blank_images else ""))
+        suffix = ("-native" if self.native_resolution else "") + ("-blank" if self.blank_images else "")
+        return os.path.join("runs", f"aimv2-{self.preset}{suffix}")
 
     @property
     def warmup(self) -> int:

@@ -58,3 +58,20 @@ def test_two_processes_match_one(tmp_path, single, extra):
         summary = train(TrainConfig(steps=4, batch_size=8, max_text_len=16, workers=0, progress=False, model=dict(SMALL),
                                     out=str(tmp_path), backend="torch", resume="latest"))
         assert summary["step"] == 4
+
+
+def test_two_processes_train_native_resolution_and_resume_exactly(tmp_path):
+    """Packed native-resolution batches under two processes: every process's stream position is in
+    the checkpoint, and a resumed run takes the same steps as the uninterrupted one."""
+    native = ("--native-resolution", "--max-tokens", "256", "--max-patches", "32", "--steps", "4", "--ckpt-every", "2",
+              "--keep-checkpoints", "0")
+    full = _torchrun(tmp_path / "full", *native)
+    middle = ckpt.checkpoint_path(str(tmp_path / "full"), 2)
+    cursors = ckpt.load_checkpoint(middle)["data"]["cursors"]
+    assert len(cursors) == 2 and min(cursors) >= 4  # >= 2 steps x 128 patches / at most 32 per image
+    resumed = _torchrun(tmp_path / "resumed", *native, "--resume", middle)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(resumed, full[2:]):
+        assert a["images"] == b["images"]
+        for key in KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (a["step"], key)

@@ -74,8 +74,51 @@ def test_a_fresh_encoder_exports_to_transformers():
         assert_close(encoder(images), hf(pixel_values=images).last_hidden_state, 1e-5, "exported features")
 
 
-@pytest.mark.parametrize("overrides", [dict(is_native=True), dict(qkv_bias=True), dict(mlp_bias=True), dict(hidden_act="gelu")])
+@pytest.mark.parametrize("overrides", [dict(qkv_bias=True), dict(mlp_bias=True), dict(hidden_act="gelu")])
 def test_unsupported_variants_are_refused(overrides):
     hf = _hf_model(use_head=False, **overrides)
     with pytest.raises(ValueError, match="Aimv2VisionConfig"):
         AIMv2Encoder.from_transformers(hf)
+
+
+# ---- native resolution (is_native=True: 2-D sin-cos positions, any image size) ----------------
+
+NATIVE = TINY.__class__(**{**TINY.__dict__, "native": True})
+
+
+def _native_hf_model():
+    kwargs = transformers_config_kwargs(NATIVE) | dict(use_head=False)
+    model = transformers.Aimv2VisionModel(transformers.Aimv2VisionConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def test_native_from_transformers_matches_per_image_at_mixed_sizes():
+    """One packed forward of images of different sizes equals transformers run on each alone."""
+    hf = _native_hf_model()
+    assert transformers_config_kwargs(NATIVE)["is_native"] and "embeddings.position_embedding.weight" not in hf.state_dict()
+    encoder = AIMv2Encoder.from_transformers(hf).eval()
+    assert encoder.config.native and encoder.pos_embed is None
+    images = [torch.randn(3, 16, 40), torch.randn(3, 36, 12), torch.randn(3, 8, 8), torch.randn(3, 32, 32)]
+    with torch.no_grad():
+        per_image, pooled = encoder.features(images)
+        for i, image in enumerate(images):
+            expected = hf(pixel_values=image.unsqueeze(0)).last_hidden_state[0]  # (N_i, D)
+            assert per_image[i].shape == expected.shape
+            assert_close(per_image[i], expected, 1e-5, f"image {i} features")
+            assert_close(pooled[i], expected.mean(0), 1e-5, f"image {i} pooled")
+        # a batch tensor at a non-default size goes the padded way and agrees too
+        batch = torch.randn(2, 3, 20, 28)
+        assert_close(encoder(batch), hf(pixel_values=batch).last_hidden_state, 1e-5, "batched native features")
+
+
+def test_native_state_dict_round_trips_without_a_position_table():
+    hf = _native_hf_model()
+    encoder = AIMv2Encoder.from_transformers(hf)
+    exported = encoder.to_transformers_state_dict()
+    assert exported.keys() == hf.state_dict().keys()
+    assert all(torch.equal(exported[k], v) for k, v in hf.state_dict().items())
+    back = to_transformers(encoder)
+    assert back.config.is_native

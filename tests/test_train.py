@@ -130,6 +130,7 @@ def test_training_on_tar_shards_counts_the_corrupt_sample(tmp_path):
 def test_metrics_records_have_the_documented_fields(tmp_path):
     train(small_config(tmp_path, steps=1))
     record = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))[0]
-    assert set(record) == {"step", "loss", "pixel_loss", "text_loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "skipped"}
+    assert set(record) == {"step", "loss", "pixel_loss", "text_loss", "lr", "grad_norm", "images", "samples_per_s", "elapsed_s", "skipped"}
+    assert record["images"] == 8
     assert record["loss"] == pytest.approx(0.4 * record["pixel_loss"] + record["text_loss"])
     assert torch.isfinite(torch.tensor(record["loss"]))

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from ..ops.attention import prefix_causal_attention
+from ..ops.attention_varlen import prefix_causal_attention_varlen
 
 
 class PrefixCausalSelfAttention(nn.Module):
-    """x (B, S, dim) -> (B, S, dim). Keys are stable: `qkv.weight` (3 * dim, dim) stacking q, k, v;
+    """x (B, S, dim) -> (B, S, dim), or packed sequences x (T, dim) -> (T, dim) given cu_seqlens. Keys are stable: `qkv.weight` (3 * dim, dim) stacking q, k, v;
     `proj.weight` (dim, dim); `qkv.bias` when qkv_bias=True. The projections are bias-free by default,
     as in AIMv2."""
 
@@ -21,9 +22,24 @@ class PrefixCausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **factory)
 
-    def forward(self, x: torch.Tensor, prefix_len=None, causal: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix_len=None, causal: bool = True, *, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """prefix_len: None, an int, or an int tensor with one length per sample (B,) or per packed
+        sequence (n,). cu_seqlens (n + 1,) int32 and max_seqlen (host int): x holds n sequences back to
+        back and attention stays inside each (see ak.prefix_causal_attention_varlen)."""
+        if cu_seqlens is not None:
+            return self._forward_packed(x, prefix_len, causal, cu_seqlens, max_seqlen)
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, S, D) views, no copy
         out = prefix_causal_attention(q, k, v, prefix_len, causal=causal)  # (B, H, S, D) view of (B, S, H, D)
         return self.proj(out.transpose(1, 2).reshape(B, S, self.dim))
+
+    def _forward_packed(self, x, prefix_len, causal, cu_seqlens, max_seqlen) -> torch.Tensor:
+        if x.dim() != 2 or max_seqlen is None:
+            raise ValueError(f"packed attention takes x of shape (T, dim) and a max_seqlen, got {tuple(x.shape)} and "
+                             f"max_seqlen={max_seqlen!r}")
+        T = x.shape[0]
+        q, k, v = self.qkv(x).view(T, 3, self.heads, self.head_dim).unbind(1)  # (T, H, D) views, no copy
+        out = prefix_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal=causal)  # (T, H, D)
+        return self.proj(out.reshape(T, self.dim))
