@@ -63,7 +63,8 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_path(directory: str) -> None:
+    """fsync a file or directory by path (a rename is durable once its directory is synced)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # platforms without directory fds
@@ -87,7 +88,7 @@ def _atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def save_checkpoint(state: dict, path: str) -> None:

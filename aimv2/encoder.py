@@ -147,6 +147,30 @@ class AIMv2Encoder(nn.Module):
         encoder.load_state_dict(ours, strict=True, assign=True)  # own storage: no aliasing of the source
         return encoder
 
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None, cache_dir=None, revision=None) -> "AIMv2Encoder":
+        """An encoder (in eval mode) from a model folder, without transformers.
+
+        path: a folder written by `aimv2-export`, by transformers' `save_pretrained` (`Aimv2VisionModel`,
+        or a full `Aimv2Model`: only its "vision_model." weights are read), or a released AIMv2
+        checkpoint on disk (config.json plus model.safetensors, sharded model.safetensors.index.json,
+        or pytorch_model.bin); or a hub repo id such as "apple/aimv2-large-patch14-224", found in the
+        local hub cache only (`cache_dir`, `revision` as in huggingface_hub): nothing is downloaded.
+        The attention-pooling head ("head.*") is dropped; every other weight must match the encoder
+        (strict). dtype None keeps the stored dtype. Unsupported variants (attention or MLP biases,
+        activations other than SiLU) raise ValueError; a missing folder, config.json, weights file or
+        uncached repo raises FileNotFoundError. Built on the meta device, so no init is wasted."""
+        from .export import read_pretrained  # export imports this module
+
+        config, state = read_pretrained(path, device=device, dtype=dtype, cache_dir=cache_dir, revision=revision)
+        with torch.device("meta"):
+            encoder = cls(config)
+        try:
+            encoder.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:  # shapes that do not fit config.json
+            raise ValueError(f"the weights of {path!r} do not fit its config.json: {exc}") from exc
+        return encoder.eval()
+
     def to_transformers_state_dict(self) -> dict[str, Tensor]:
         """This encoder's weights under `Aimv2VisionModel` keys (without the pooling head); tensors
         share storage with the parameters, as `state_dict()` does."""

@@ -21,15 +21,16 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def unpatchify(patches: Tensor, patch_size: int, channels: int = 3) -> Tensor:
-    """Inverse of `patchify` for a square grid: (B, N, p * p * C) -> (B, C, H, W)."""
+def unpatchify(patches: Tensor, patch_size: int, channels: int = 3, grid: tuple[int, int] | None = None) -> Tensor:
+    """Inverse of `patchify`: (B, N, p * p * C) -> (B, C, H, W) for a grid of (h, w) patches, by
+    default the square one."""
     B, N, P = patches.shape
     p = patch_size
-    grid = int(round(N ** 0.5))
-    if grid * grid != N or P != p * p * channels:
-        raise ValueError(f"patches of shape {tuple(patches.shape)} are not a square grid of {p}x{p}x{channels} patches")
-    x = patches.reshape(B, grid, grid, p, p, channels).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
-    return x.reshape(B, channels, grid * p, grid * p)
+    h, w = grid if grid is not None else (int(round(N ** 0.5)),) * 2
+    if h * w != N or P != p * p * channels:
+        raise ValueError(f"patches of shape {tuple(patches.shape)} are not a {h}x{w} grid of {p}x{p}x{channels} patches")
+    x = patches.reshape(B, h, w, p, p, channels).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
+    return x.reshape(B, channels, h * p, w * p)
 
 
 def sample_prefix_len(batch: int, num_patches: int, device=None, generator: torch.Generator | None = None) -> Tensor:

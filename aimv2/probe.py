@@ -15,6 +15,11 @@ Data: "builtin" labels each procedurally drawn image with its shape kind (5 clas
 trainer never uses; or an image folder `ROOT/<class>/*.jpg`, split by `ROOT/train` and `ROOT/val` when
 present, else every fifth image of each class is held out. `--compare-random` also probes the same
 architecture with random weights, the baseline a trained encoder must beat.
+
+On the test split it prints a table (per class: support, recall = per-class accuracy, precision; then
+top-1 and balanced accuracy; a column per encoder) and writes `probe_confusion.png` (the confusion
+matrices) and `probe.json` (the numbers) into the run directory of --checkpoint, else the current
+directory, or where `--out` says (see aimv2/probe_report.py).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
+from . import probe_report
 from .config import AIMv2Config
 from .data import KINDS, EvalTransform, ShapesDataset
 from .distributed import pick_device
@@ -131,12 +137,14 @@ def folder_split(root: str, image_size: int):
 
 # ---- encoder and features -------------------------------------------------------------------------
 
-def load_encoder(checkpoint: str | None, preset: str, random_init: bool, seed: int) -> tuple[nn.Module, AIMv2Config, str]:
-    """(encoder, config, description). A run directory means its newest checkpoint."""
+def load_encoder(checkpoint: str | None, preset: str, random_init: bool, seed: int) -> tuple[nn.Module, AIMv2Config, str, dict]:
+    """(encoder, config, description, info). A run directory means its newest checkpoint; info holds
+    the checkpoint file and its step (None without a checkpoint) and whether the weights are trained."""
     if checkpoint is None:
         config = AIMv2Config.preset(preset)
         torch.manual_seed(seed)
-        return AIMv2Model(config).encoder, config, f"randomly initialized {preset} encoder"
+        info = {"checkpoint": None, "step": None, "trained": False}
+        return AIMv2Model(config).encoder, config, f"randomly initialized {preset} encoder", info
     path = ckpt.latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else checkpoint
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint!r}")
@@ -144,10 +152,11 @@ def load_encoder(checkpoint: str | None, preset: str, random_init: bool, seed: i
     config = AIMv2Config(**state["model_config"])
     torch.manual_seed(seed)
     model = AIMv2Model(config)
+    info = {"checkpoint": path, "step": int(state["step"]), "trained": not random_init}
     if random_init:
-        return model.encoder, config, f"randomly initialized encoder of {path}'s architecture"
+        return model.encoder, config, f"randomly initialized encoder of {path}'s architecture", info
     model.load_state_dict(state["model"])
-    return model.encoder, config, f"encoder of {path} (step {state['step']})"
+    return model.encoder, config, f"encoder of {path} (step {state['step']})", info
 
 
 @torch.no_grad()
@@ -163,9 +172,9 @@ def extract_features(encoder: nn.Module, images: Tensor, device: torch.device, b
     return torch.cat(out)
 
 
-def train_probe(kind: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int,
-                steps: int, batch_size: int, lr: float, seed: int, device: torch.device) -> float:
-    """Train a probe on cached features; return test top-1 (a fraction)."""
+def fit_probe(kind: str, train_x: Tensor, train_y: Tensor, classes: int, steps: int, batch_size: int,
+              lr: float, seed: int, device: torch.device) -> nn.Module:
+    """Train a probe on cached features; return it in eval mode."""
     torch.manual_seed(seed)
     dim = train_x.shape[-1]
     if kind == "attentive":
@@ -185,41 +194,78 @@ def train_probe(kind: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, tes
         loss.backward()
         optimizer.step()
         schedule.step()
-    probe.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(test_x), 512):
-            logits = probe(test_x[start:start + 512].to(device))
-            correct += int((logits.argmax(-1).cpu() == test_y[start:start + 512]).sum())
-    return correct / len(test_x)
+    return probe.eval()
+
+
+@torch.no_grad()
+def predict(probe: nn.Module, features: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
+    """Predicted class of each feature set, (n,) int64 on the CPU."""
+    return torch.cat([probe(features[start:start + batch_size].to(device)).argmax(-1).cpu()
+                      for start in range(0, len(features), batch_size)])
+
+
+def train_probe(kind: str, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, classes: int,
+                steps: int, batch_size: int, lr: float, seed: int, device: torch.device) -> float:
+    """Train a probe on cached features; return test top-1 (a fraction)."""
+    probe = fit_probe(kind, train_x, train_y, classes, steps, batch_size, lr, seed, device)
+    return int((predict(probe, test_x, device) == test_y).sum()) / len(test_y)
 
 
 def run_probe(args: argparse.Namespace) -> dict:
+    """Probe, print the table, write the picture and probe.json. Returns {description: top-1} for each
+    encoder (as always), plus "report" (the contents of probe.json), "png" and "json" (the paths)."""
     device = pick_device(args.device)
-    encoder, config, description = load_encoder(args.checkpoint, args.preset, args.random_init, args.seed)
+    encoder, config, description, info = load_encoder(args.checkpoint, args.preset, args.random_init, args.seed)
     if args.data == "builtin":
         train_x, train_y, test_x, test_y, classes = builtin_split(config.image_size, args.train_size, args.test_size)
     else:
         train_x, train_y, test_x, test_y, classes = folder_split(args.data, config.image_size)
-    encoders = [(description, encoder)]
+    encoders = [("trained" if info["trained"] else "random", description, encoder)]
     if args.compare_random and not args.random_init:
         torch.manual_seed(args.seed)
-        encoders.append(("randomly initialized encoder, same architecture", AIMv2Model(dataclasses.replace(config)).encoder))
-    results = {}
-    for name, enc in encoders:
+        encoders.append(("random", "randomly initialized encoder, same architecture", AIMv2Model(dataclasses.replace(config)).encoder))
+    results, metrics, entries = {}, {}, []
+    for label, name, enc in encoders:
         ftrain, ftest = extract_features(enc, train_x, device), extract_features(enc, test_x, device)
-        top1 = train_probe(args.probe, ftrain, train_y, ftest, test_y, len(classes), args.steps, args.batch_size, args.lr, args.seed, device)
-        results[name] = top1
-        print(f"top-1 {top1 * 100:.1f}%  {args.probe} probe, {name}; {len(train_x)} train / {len(test_x)} test images, "
+        probe = fit_probe(args.probe, ftrain, train_y, len(classes), args.steps, args.batch_size, args.lr, args.seed, device)
+        m = metrics[label] = probe_report.probe_metrics(test_y, predict(probe, ftest, device), classes)
+        results[name] = m["top1"]
+        entries.append({"label": label, "description": name, **m})
+        print(f"top-1 {m['top1'] * 100:.1f}%  {args.probe} probe, {name}; {len(train_x)} train / {len(test_x)} test images, "
               f"{len(classes)} classes (chance {100 / len(classes):.1f}%)")
-    if len(results) == 2:
-        trained, random_ = results.values()
-        print(f"margin over the random encoder: {(trained - random_) * 100:+.1f} points")
-    return results
+    print()
+    print(probe_report.format_table(metrics))
+    margin = None
+    if len(entries) == 2:
+        margin = entries[0]["top1"] - entries[1]["top1"]
+        print(f"margin over the random encoder: {margin * 100:+.1f} points")
+    report = {
+        "probe": args.probe,
+        "checkpoint": info["checkpoint"],
+        "step": info["step"],
+        "data": args.data,
+        "images": {"train": len(train_x), "test": len(test_x)},
+        "classes": list(classes),
+        "chance": 1 / len(classes),
+        "top1": entries[0]["top1"],
+        "margin": margin,
+        "encoders": entries,
+    }
+    png, json_path = probe_report.output_paths(args.out, args.checkpoint)
+    title = f"{args.probe} probe"
+    if info["checkpoint"] is not None:
+        title += f", {info['checkpoint']}" + (f" (step {info['step']})" if info["trained"] else " architecture, random weights")
+    else:
+        title += f", randomly initialized {args.preset} encoder"
+    probe_report.write_confusion_png(metrics, png, title)
+    probe_report.write_json(report, json_path)
+    print(f"wrote {png} and {json_path}")
+    return {**results, "report": report, "png": png, "json": json_path}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aimv2-probe", description="Probe a frozen AIMv2 encoder: prints top-1.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aimv2-probe", description="Probe a frozen AIMv2 encoder: prints per-class "
+                                     "and top-1 accuracy, writes the confusion matrix and the numbers.")
     parser.add_argument("--checkpoint", help="checkpoint file or run directory (newest checkpoint); omit for a random encoder")
     parser.add_argument("--preset", default="tiny", help="architecture without --checkpoint (default: tiny)")
     parser.add_argument("--random-init", action="store_true", help="use the checkpoint's architecture with random weights")
@@ -233,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", help="directory for probe_confusion.png and probe.json, or the picture's path (*.png; "
+                                      "the JSON beside it); default: the checkpoint's run directory, else '.'")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         run_probe(args)
     except (FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:

@@ -14,7 +14,9 @@ a generator seeded by (seed, step), and augmentation from (seed, epoch, sample),
 repeats an uninterrupted one exactly on CPU. With --native-resolution the step is filled to a patch
 budget instead of an image count (train_batches.py).
 
-Output directory: metrics.jsonl, loss.png, checkpoints/step_*.pt (the newest K), config.json.
+Output directory: metrics.jsonl, loss.png, predictions.png, checkpoints/step_*.pt (the newest K),
+config.json. At every checkpoint and at the end the main process scores greedy captions of fixed
+held-out images (caption_exact, caption_word_acc in metrics.jsonl) and redraws predictions.png.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from .metrics import MetricsLog, read_metrics, summarize
 from .model import AIMv2Model
 from .optim import build_optimizer, build_scheduler
 from .packing import PackedImages
+from .predictions import HeldOut, caption_accuracy, draw_predictions, greedy_captions, held_out_set
 from .train_batches import NativeBatches, SquareBatches
 from .train_config import TrainConfig, merge_for_resume, parse_args
 
@@ -167,11 +170,25 @@ class Trainer:
             self.model = torch.compile(self.model)
 
         self.batches = self._make_batches(state)
+        self.held_out = self._held_out()
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and info.device.type == "cuda" else nullcontext())
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), resume_step=self.step if state else None) if info.is_main else None
         if info.is_main:
             with open(os.path.join(cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump({"train": cfg.to_dict(), "model": dataclasses.asdict(self.model_config)}, f, indent=2)
+
+    def _held_out(self) -> HeldOut | None:
+        """The fixed held-out images, on the main process; none under FSDP, whose sharded parameters
+        a single process cannot run."""
+        cfg = self.cfg
+        count = max(cfg.eval_samples, cfg.prediction_images)
+        if not self.info.is_main or not count:
+            return None
+        if cfg.fsdp:
+            _say(self.info, "aimv2-train: note: no held-out captions or predictions.png under --fsdp")
+            return None
+        held = held_out_set(self.source, self.model_config, count, self.max_patches)
+        return held if held.images else None
 
     def _make_batches(self, state) -> SquareBatches | NativeBatches:
         cfg, c = self.cfg, self.model_config
@@ -288,7 +305,10 @@ class Trainer:
                     raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
                 record = {"step": self.step, **record, "samples_per_s": record["images"] / dt,
                           "elapsed_s": time.perf_counter() - start_time, "skipped": self.skipped}
-                if info.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                checkpoint_now = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if info.is_main and checkpoint_now:
+                    record.update(self.evaluate())
+                if info.is_main and (self.step % cfg.log_every == 0 or checkpoint_now):
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", pix=f"{record['pixel_loss']:.3f}", txt=f"{record['text_loss']:.3f}",
                                     lr=f"{record['lr']:.2e}", img_s=f"{record['samples_per_s']:.0f}", refresh=False)
@@ -314,6 +334,29 @@ class Trainer:
                 summary.update(self._report())
         return summary
 
+    # ---- held-out predictions ---------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Caption accuracy of greedy decoding on the held-out set, and predictions.png (main process)."""
+        cfg, held = self.cfg, self.held_out
+        if held is None:
+            return {}
+        out = {}
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), self.autocast:
+                if cfg.eval_samples:
+                    n = min(cfg.eval_samples, len(held.images))
+                    captions = greedy_captions(model, held.images[:n], self.tokenizer)
+                    out = {**caption_accuracy(captions, held.captions[:n]), "eval_samples": n}
+                if cfg.prediction_images:
+                    draw_predictions(model, held, self.tokenizer, os.path.join(cfg.out_dir, "predictions.png"),
+                                     rows=cfg.prediction_images, title=f"{cfg.out_dir}, step {self.step}")
+        finally:
+            model.train(was_training)
+        return out
+
     def _report(self) -> dict:
         """Print first-vs-last losses and draw loss.png."""
         from .plot import plot_runs
@@ -328,10 +371,18 @@ class Trainer:
                 out[key] = {"first": first, "last": last}
                 lines.append(f"{key} {first:.4f} -> {last:.4f} ({(last - first) / first * 100:+.1f}%)")
         plot = plot_runs([self.cfg.out_dir])
+        scored = [r for r in records if r.get("caption_exact") is not None]
+        if scored:
+            last = scored[-1]
+            out["caption_exact"], out["caption_word_acc"] = last["caption_exact"], last["caption_word_acc"]
+            lines.append(f"held-out captions (greedy, {last['eval_samples']} samples): {last['caption_exact'] * 100:.1f}% "
+                         f"exact, {last['caption_word_acc'] * 100:.1f}% of words")
         if self.skipped:
             lines.append(f"{self.skipped} unreadable sample(s) skipped")
         _say(self.info, "aimv2-train: done. " + "; ".join(lines) + " (means of the first and last 10 logged steps)")
-        _say(self.info, f"aimv2-train: wrote {os.path.join(self.cfg.out_dir, 'metrics.jsonl')}, {plot}, {ckpt.checkpoint_dir(self.cfg.out_dir)}")
+        pictures = os.path.join(self.cfg.out_dir, "predictions.png")
+        written = [os.path.join(self.cfg.out_dir, "metrics.jsonl"), plot] + ([pictures] if os.path.isfile(pictures) else [])
+        _say(self.info, f"aimv2-train: wrote {', '.join(written)}, {ckpt.checkpoint_dir(self.cfg.out_dir)}")
         out["loss_png"] = plot
         return out
 

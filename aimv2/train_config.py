@@ -64,6 +64,8 @@ class TrainConfig:
     ckpt_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _opt(3, "keep only the newest K checkpoints (0 keeps all)")
     log_every: int = _opt(1, "write metrics every N steps")
+    eval_samples: int = _opt(256, "held-out samples whose greedy captions are scored at every checkpoint and at the end (0: off)")
+    prediction_images: int = _opt(8, "held-out images drawn in predictions.png at every checkpoint and at the end (0: off)")
     progress: bool = _opt(True, "show a progress bar")
     # names given explicitly on the command line or in the config file; None: all of them
     explicit: tuple | None = field(default=None, metadata={"cli": False})
@@ -78,8 +80,8 @@ class TrainConfig:
         if self.workers is None:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             self.workers = max(1, min(8, (os.cpu_count() or 2) // (2 * local_processes)))
-        if self.workers < 0 or self.keep_checkpoints < 0:
-            raise ValueError("workers and keep_checkpoints must be >= 0")
+        if self.workers < 0 or self.keep_checkpoints < 0 or self.eval_samples < 0 or self.prediction_images < 0:
+            raise ValueError("workers, keep_checkpoints, eval_samples and prediction_images must be >= 0")
         if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0, grad_clip >= 0, weight_decay >= 0; got {self.lr}, {self.grad_clip}, {self.weight_decay}")
         if self.warmup_steps is not None and self.warmup_steps < 0:

@@ -1,6 +1,8 @@
 """One AIMv2 training step (forward, backward, AdamW) for the large preset, bf16 autocast.
 
-Three models: ours (`aimv2.AIMv2Model`, backend "auto"), the eager reference
+Models: ours (`aimv2.AIMv2Model`, backend "auto"), ours on the "cuda" backend (the CUDA C++ kernels,
+attention included, beside the Triton ones "auto" picks today, so "auto" can be set from the figures),
+the eager reference
 (`aimv2.reference_model.ReferenceAIMv2Model`: torch.nn.RMSNorm, SDPA with a dense prefix mask,
 materialized logits), and that reference under torch.compile. All run at one batch size: the
 largest of a candidate list that the eager reference fits (it needs the most memory), so images/s
@@ -21,7 +23,9 @@ PRESET, SMOKE_PRESET = "large", "tiny"
 # Quick runs probe one batch size (each probe builds the reference and runs a step: seconds apiece).
 BATCHES, BATCHES_QUICK, SMOKE_BATCHES = (512, 384, 256, 192, 128, 96, 64, 32, 16), (128,), (4,)
 # Eager models first: a run cut short by its time limit loses the compiled ones (slow to build) only.
-MODELS = ("ours", "reference", "ours+compile", "reference+compile")
+MODELS = ("ours", "reference", "ours-cuda", "ours+compile", "reference+compile")
+# the aimv2_kernels backend each of our models runs under
+BACKENDS = {"ours": "auto", "ours-cuda": "cuda", "ours+compile": "auto"}
 STEP_DTYPE = {False: "bfloat16 autocast", True: "float32"}  # by ctx.smoke: autocast runs only on CUDA
 # Dense bf16 tensor-core peak of the datasheets (SXM parts), for MFU; other cards report MFU against
 # the matmul rate measured in this run.
@@ -142,6 +146,8 @@ def run(ctx: Context, log=print) -> list[Result]:
             r.note = f"no batch in {candidates} fits"
         elif kind.endswith("+compile") and ctx.smoke:
             r.note = "skipped: torch.compile is not built in the CPU smoke run"
+        elif _backend_missing(kind):
+            r.note = f"skipped: {_backend_missing(kind)}"
         else:
             _measure(ctx, c, kind, size, r)
         log(f"  train_step {r.size} {kind}: {f'{r.ms:.1f} ms' if r.ms else r.note}")
@@ -150,7 +156,23 @@ def run(ctx: Context, log=print) -> list[Result]:
     return results
 
 
+def _backend_missing(kind: str) -> str | None:
+    """Why the backend a model needs cannot run here, or None."""
+    import aimv2_kernels as ak
+
+    backend = BACKENDS.get(kind, "auto")
+    reason = None if backend == "auto" else ak.unavailable_reason(backend)
+    return None if reason is None else f"{backend} backend unavailable ({reason})"
+
+
 def _measure(ctx: Context, c, kind: str, size: int, r: Result) -> None:
+    import aimv2_kernels as ak
+
+    with ak.use_backend(BACKENDS.get(kind, "auto")):
+        _measure_on_backend(ctx, c, kind, size, r)
+
+
+def _measure_on_backend(ctx: Context, c, kind: str, size: int, r: Result) -> None:
     warmup, iters = (1, 2) if ctx.smoke else ((2, 5) if ctx.quick else (3, 20))
     try:
         model, forward, opt = _build(kind, c, ctx.device)

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def small_config(out, **kw) -> TrainConfig:
     options = dict(model=dict(SMALL), max_text_len=16, steps=6, batch_size=8, workers=0, progress=False,
-                   ckpt_every=3, keep_checkpoints=0, out=str(out), backend="torch")
+                   ckpt_every=3, keep_checkpoints=0, out=str(out), backend="torch", eval_samples=8, prediction_images=2)
     options.update(kw)
     return TrainConfig(**options)
 
@@ -128,9 +128,15 @@ def test_training_on_tar_shards_counts_the_corrupt_sample(tmp_path):
 
 
 def test_metrics_records_have_the_documented_fields(tmp_path):
-    train(small_config(tmp_path, steps=1))
-    record = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))[0]
-    assert set(record) == {"step", "loss", "pixel_loss", "text_loss", "lr", "grad_norm", "images", "samples_per_s", "elapsed_s", "skipped"}
+    summary = train(small_config(tmp_path, steps=2, ckpt_every=5, eval_samples=20))
+    first, last = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    fields = {"step", "loss", "pixel_loss", "text_loss", "lr", "grad_norm", "images", "samples_per_s", "elapsed_s", "skipped"}
+    assert set(first) == fields
+    # the last step (like every checkpoint step) scores held-out captions and draws predictions.png
+    assert set(last) == fields | {"caption_exact", "caption_word_acc", "eval_samples"} and last["eval_samples"] == 20
+    assert summary["caption_word_acc"] == last["caption_word_acc"]
+    assert os.path.getsize(tmp_path / "predictions.png") > 10_000
+    record = first
     assert record["images"] == 8
     assert record["loss"] == pytest.approx(0.4 * record["pixel_loss"] + record["text_loss"])
     assert torch.isfinite(torch.tensor(record["loss"]))
