@@ -223,6 +223,9 @@ def _save_atomically(fig, path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename: give the usual mode
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
