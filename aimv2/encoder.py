@@ -18,6 +18,7 @@ from .blocks import init_weights, make_blocks, run_blocks
 from .config import AIMv2Config
 from .interop import config_from_transformers, state_dict_from_transformers, state_dict_to_transformers
 from .packing import PackedImages
+from .pretrained import read_pretrained
 from .positions import sincos_2d, sincos_grid
 
 
@@ -160,7 +161,6 @@ class AIMv2Encoder(nn.Module):
         (strict). dtype None keeps the stored dtype. Unsupported variants (attention or MLP biases,
         activations other than SiLU) raise ValueError; a missing folder, config.json, weights file or
         uncached repo raises FileNotFoundError. Built on the meta device, so no init is wasted."""
-        from .export import read_pretrained  # export imports this module
 
         config, state = read_pretrained(path, device=device, dtype=dtype, cache_dir=cache_dir, revision=revision)
         with torch.device("meta"):

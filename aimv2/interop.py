@@ -93,6 +93,14 @@ def _qkv_keys(depth: int) -> list[tuple[str, list[str]]]:
             for i in range(depth)]
 
 
+def transformers_keys(depth: int, native: bool = False) -> set[str]:
+    """Every key of an `Aimv2VisionModel` state dict without the pooling head (and, for native
+    models, without a position table)."""
+    keys = {theirs for _, theirs in _renamed_keys(depth)}
+    keys |= {key for _, parts in _qkv_keys(depth) for key in parts}
+    return keys if native else keys | {_POS_KEY}
+
+
 def state_dict_from_transformers(hf_state: dict[str, Tensor], depth: int, native: bool = False) -> dict[str, Tensor]:
     """Our encoder's state dict from an `Aimv2VisionModel` state dict."""
     ours = {mine: hf_state[theirs] for mine, theirs in _renamed_keys(depth)}
