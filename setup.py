@@ -3,9 +3,12 @@
 `aimv2_kernels._C` (the kernels in csrc/) is built only when all of these hold:
   * torch is importable in the build environment (use `pip install --no-build-isolation .`),
   * that torch is a CUDA build and a CUDA toolkit (nvcc) is found,
-  * AIMV2_KERNELS_SKIP_CUDA_BUILD is not "1".
+  * AIMV2_KERNELS_SKIP_CUDA_BUILD is not "1",
+  * the CUTLASS/CuTe headers are found (the nvidia-cutlass package, a build requirement, or a
+    checkout named by AIMV2_KERNELS_CUTLASS_DIR).
 Otherwise the install is pure Python and the "cuda" backend builds the same sources with ninja on
-first use. No GPU is needed to build: the arch list is TORCH_CUDA_ARCH_LIST or "8.0;9.0".
+first use. No GPU is needed to build: the arch list is TORCH_CUDA_ARCH_LIST or "8.0;9.0a" (9.0a:
+Hopper's arch-specific target, which the wgmma/TMA attention kernels need; it runs on H100/H200).
 
 Either way the csrc/ sources are copied into the package (aimv2_kernels/csrc/) of a wheel, so that a
 regular, non-editable install can still build them on first use. (MANIFEST.in puts csrc/ into the
@@ -57,12 +60,17 @@ def _cuda_extension():
         return None, "torch is not importable in the build environment (isolated build)"
     if torch.version.cuda is None or CUDA_HOME is None:
         return None, "torch is not a CUDA build or no CUDA toolkit was found"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     cuda_ext = _cuda_ext_module()
+    try:
+        cutlass = cuda_ext.cutlass_include_dirs()
+    except cuda_ext.CutlassNotFound as exc:
+        return None, str(exc)
     ext = CUDAExtension(
         name="aimv2_kernels._C",
         sources=[os.path.relpath(p) for p in cuda_ext.source_files(cuda_ext.Path("csrc"))],
         depends=sorted(glob.glob(os.path.join("csrc", "*.cuh")) + glob.glob(os.path.join("csrc", "*.h"))),
+        include_dirs=cutlass,
         extra_compile_args={"cxx": list(cuda_ext.CXX_FLAGS), "nvcc": list(cuda_ext.NVCC_FLAGS)},
     )
     return (ext, BuildExtension.with_options(use_ninja=True)), None

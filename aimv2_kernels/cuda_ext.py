@@ -11,11 +11,17 @@ Loading registers the ops `torch.ops.aimv2_kernels.cuda_*`; `aimv2_kernels.backe
 loading sits below the registry). `load_status()` says why the backend is unavailable when it is.
 
 Importing this module needs only torch (the package is imported lazily), so setup.py and
-scripts/check_cuda_sources.sh read the flags and the source list from this one place.
+scripts/check_cuda_sources.sh read the flags, the include directories and the source list from this
+one place.
+
+The attention kernels are written with CuTe, the layout and copy/MMA-atom library in CUTLASS's headers.
+Those come from the `nvidia-cutlass` pip package (its wheel ships them under
+`cutlass_library/source/include`), or from a CUTLASS checkout named by AIMV2_KERNELS_CUTLASS_DIR.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -25,14 +31,42 @@ import torch
 # Compiler flags of both builds. No -std: torch's extension builder picks the standard its headers
 # need (C++17 in older releases, C++20 in newer ones); a fixed one would break one side or the other.
 CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 SOURCE_SUFFIXES = (".cu", ".cpp")
 JIT_NAME = "aimv2_kernels_cuda"
 # Set to 1 where an untimed build of minutes must never start behind an innocent call such as
 # `available_backends()` (time-boxed GPU checks, benchmarks): then only a prebuilt _C loads.
 NO_JIT_ENV = "AIMV2_KERNELS_NO_JIT"
 
+# A CUTLASS checkout (its root, holding include/cute) to build against instead of the pip package.
+CUTLASS_DIR_ENV = "AIMV2_KERNELS_CUTLASS_DIR"
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class CutlassNotFound(RuntimeError):
+    """No CUTLASS/CuTe headers: neither the nvidia-cutlass package nor AIMV2_KERNELS_CUTLASS_DIR."""
+
+
+def cutlass_include_dirs() -> list[str]:
+    """The include directories that hold cute/ and cutlass/: AIMV2_KERNELS_CUTLASS_DIR's include/
+    when set, else the nvidia-cutlass package's. Raises CutlassNotFound saying how to get them."""
+    override = os.environ.get(CUTLASS_DIR_ENV, "").strip()
+    if override:
+        include = Path(override) / "include"
+        if not (include / "cute").is_dir():
+            raise CutlassNotFound(f"{CUTLASS_DIR_ENV}={override} has no include/cute; point it at a CUTLASS checkout")
+        return [str(include)]
+    # Located, not imported: importing cutlass_library would load its Python dependencies (scipy,
+    # cuda-python, ...), which the headers do not need and a --no-deps install lacks.
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise CutlassNotFound("the CUTLASS headers are missing: pip install nvidia-cutlass (or set "
+                              f"{CUTLASS_DIR_ENV} to a CUTLASS checkout)")
+    include = Path(list(spec.submodule_search_locations)[0]) / "source" / "include"
+    if not (include / "cute").is_dir():
+        raise CutlassNotFound(f"the nvidia-cutlass package at {include.parent.parent} has no source/include/cute")
+    return [str(include)]
 
 
 def source_dir() -> Path | None:
@@ -58,13 +92,19 @@ def cache_dir() -> Path:
 def _build_tag() -> str:
     """One build directory per torch, CUDA, Python and target-architecture combination: torch's
     build cache notices edited sources and flags, not a different torch or GPU."""
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not arch:
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"{major}.{minor}"
-    arch = arch.replace(";", "_").replace(" ", "_").replace("+", "")
+    arch = jit_arch_list().replace(";", "_").replace(" ", "_").replace("+", "")
     py = f"{sys.version_info.major}{sys.version_info.minor}"
     return f"torch{torch.__version__.split('+')[0]}-cu{torch.version.cuda}-py{py}-sm{arch}"
+
+
+def jit_arch_list() -> str:
+    """The architectures of a first-use build: TORCH_CUDA_ARCH_LIST, else the visible GPU's, with
+    Hopper as "9.0a" (torch would say "9.0", whose cubin lacks the wgmma/TMA attention kernels)."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        return arch
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
 def _import_prebuilt() -> str | None:
@@ -102,6 +142,10 @@ def _jit_unavailable_reason() -> str | None:
         return "ninja is not installed (pip install ninja)"
     if source_dir() is None:
         return f"the csrc/ sources are not found in {_PACKAGE_DIR} or next to it"
+    try:
+        cutlass_include_dirs()
+    except CutlassNotFound as exc:
+        return str(exc)
     return None
 
 
@@ -114,8 +158,17 @@ def _jit_build() -> None:
     if not any(directory.glob(f"{JIT_NAME}*.so")):
         print(f"aimv2-kernels: building the CUDA kernels of the 'cuda' backend on first use; this takes a few "
               f"minutes and is cached in {directory}", file=sys.stderr, flush=True)
-    load(name=JIT_NAME, sources=source_files(source_dir()), build_directory=str(directory),
-         extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, is_python_module=False, verbose=False)
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = jit_arch_list()  # torch's builder reads the targets from here
+    try:
+        load(name=JIT_NAME, sources=source_files(source_dir()), build_directory=str(directory),
+             extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=cutlass_include_dirs(),
+             is_python_module=False, verbose=False)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST")
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
 
 
 def _tail(text: str, lines: int = 20) -> str:

@@ -20,6 +20,20 @@ TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
   m.def("cuda_swiglu_packed_bwd(Tensor dout, Tensor x) -> Tensor");
   m.def("cuda_patch_mse_fwd(Tensor pred, Tensor target, Tensor? mask, bool norm_pix, float eps) -> Tensor");
   m.def("cuda_patch_mse_bwd(Tensor dloss, Tensor pred, Tensor target, Tensor? mask, bool norm_pix, float eps) -> Tensor");
+  // Mutates its outputs in place and returns nothing (the `rows` of the linear-CE chunk driver).
+  // logits is declared written too: dlogits_out may be logits itself.
+  m.def("cuda_ce_rows(Tensor(a!) logits, Tensor? bias, Tensor labels, int ignore_index, Tensor scale, "
+        "Tensor(b!) loss_out, Tensor(c!)? dlogits_out) -> ()");
+  // Hopper attention (csrc/attention_sm90.cu); raise on other GPUs and on builds without sm_90a code.
+  m.def("cuda_attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? prefix_len, bool causal, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("cuda_attention_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  // sm_80 attention (csrc/attention_sm80.cu): mma.sync tiles, runs on sm_80 and newer.
+  m.def("cuda_attention_fwd_sm80(Tensor q, Tensor k, Tensor v, Tensor? prefix_len, bool causal, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("cuda_attention_bwd_sm80(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(aimv2_kernels, CUDA, m) {
@@ -32,6 +46,11 @@ TORCH_LIBRARY_IMPL(aimv2_kernels, CUDA, m) {
   m.impl("cuda_swiglu_packed_bwd", &aimv2::swiglu_packed_bwd);
   m.impl("cuda_patch_mse_fwd", &aimv2::patch_mse_fwd);
   m.impl("cuda_patch_mse_bwd", &aimv2::patch_mse_bwd);
+  m.impl("cuda_ce_rows", &aimv2::ce_rows);
+  m.impl("cuda_attention_fwd_sm90", &aimv2::attention_fwd_sm90);
+  m.impl("cuda_attention_bwd_sm90", &aimv2::attention_bwd_sm90);
+  m.impl("cuda_attention_fwd_sm80", &aimv2::attention_fwd_sm80);
+  m.impl("cuda_attention_bwd_sm80", &aimv2::attention_bwd_sm80);
 }
 
 // An empty Python module, so that `import aimv2_kernels._C` loads the library (and registers the ops

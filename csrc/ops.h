@@ -43,4 +43,40 @@ at::Tensor patch_mse_fwd(const at::Tensor& pred, const at::Tensor& target, const
 at::Tensor patch_mse_bwd(const at::Tensor& dloss, const at::Tensor& pred, const at::Tensor& target,
                          const std::optional<at::Tensor>& mask, bool norm_pix, double eps);
 
+// The rows of one chunk of the linear cross-entropy (contract: ce_rows_torch in
+// aimv2_kernels/ops/linear_ce_chunks.py): logits float32 (c, V) with unit column stride; bias (V,) or
+// none, any supported float dtype, any stride; labels (c,) int64/int32, any stride; scale a float32
+// scalar on the device. Writes loss_out (c,) float32 and, when given, dlogits_out (c, V) in a
+// supported float dtype, which may be logits itself (in place). Returns nothing; no host sync.
+void ce_rows(const at::Tensor& logits, const std::optional<at::Tensor>& bias, const at::Tensor& labels,
+             int64_t ignore_index, const at::Tensor& scale, const at::Tensor& loss_out,
+             const std::optional<at::Tensor>& dlogits_out);
+
+// Prefix-causal attention on sm_90 (csrc/attention_sm90.cu, sm_90a device code): q, k, v (B, H, S, D)
+// bf16/fp16, D 64 or 128, unit last stride, other strides multiples of 16 bytes (TMA), 16-byte
+// aligned data; prefix_len (B,) int32/int64 on the device or none. Returns (out, lse): out a
+// (B, H, S, D) view of (B, S, H, D) memory, lse (B, H, S) float32 (natural log). Raises on another GPU
+// or a build without sm_90a code.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                      double scale);
+// Its backward into dq, dk, dv (like q: unit last stride, rows on 16-byte boundaries); deterministic.
+void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
+                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
+// Prefix-causal attention on sm_80 and newer (csrc/attention_sm80.cu: mma.sync, cp.async, ldmatrix):
+// the contract of attention_fwd / attention_bwd in aimv2_kernels/ops/attention.py. q, k, v (B, H, S, D)
+// bf16/fp16, D 64 or 128, unit last stride, any other strides (inputs whose rows are not on 16-byte
+// boundaries are copied first); prefix_len (B,) int32/int64 on the device or none, read on the device.
+// Returns (out, lse): out a (B, H, S, D) view of (B, S, H, D) memory, lse (B, H, S) float32.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_sm80(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                      double scale);
+// Its backward into dq, dk, dv (any strides with a unit last stride, e.g. views of one packed buffer);
+// deterministic (no atomics): a delta preprocess, a dK/dV kernel and a dQ kernel.
+void attention_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
+                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
 }  // namespace aimv2

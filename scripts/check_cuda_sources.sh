@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compile the csrc/ sources without a GPU, with the flags of the real build, warnings shown:
-# every .cu for sm_80 and sm_90 (one nvcc run per file, both targets), and the binding .cpp once.
-# Fails on any compile error and on any register spill to local memory.
+# every .cu for sm_80 and sm_90a (one nvcc run per file, both targets), and the binding .cpp once;
+# then print the per-kernel table of scripts/cuda_kernel_table.py (registers, spills, shared memory,
+# HMMA/HGMMA instructions in the SASS). Fails on any compile error, on any register spill to local
+# memory, and on an attention kernel without the matrix instructions of its path.
 #
 # It uses the headers of the installed torch (a CPU wheel is enough) and nvcc from CUDA_HOME. Two
 # gaps of that setup are bridged, without changing what the build compiles:
@@ -34,6 +36,7 @@ std = "c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "c++17"
 flags = [f"-std={std}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 flags += cpp_extension.COMMON_NVCC_FLAGS + cuda_ext.NVCC_FLAGS
 flags += [f"-I{p}" for p in cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]]
+flags += [f"-I{p}" for p in cuda_ext.cutlass_include_dirs()]
 print("\n".join(flags))
 PY
 )
@@ -59,13 +62,18 @@ compile() {  # compile SOURCE [nvcc args...]; fails on an error or a spill warni
 }
 
 for src in csrc/*.cu; do
-    echo "nvcc -c $src for sm_80 and sm_90"
-    compile "$src" -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+    echo "nvcc -c $src for sm_80 and sm_90a"
+    compile "$src" --threads 0 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 done
 for src in csrc/*.cpp; do
     echo "nvcc -c $src (host code)"
     compile "$src"
 done
+
+objects=("$out"/*.cu.o)
+if [ ${#objects[@]} -gt 0 ]; then
+    python scripts/cuda_kernel_table.py "${objects[@]}" || status=1
+fi
 
 if [ $status -eq 0 ]; then echo "check_cuda_sources: all sources compiled"; else echo "check_cuda_sources: FAILED" >&2; fi
 exit $status

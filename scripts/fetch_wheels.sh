@@ -2,11 +2,13 @@
 # Download the peers' wheels for our GPU machines (Python 3.12, manylinux x86_64, no network there)
 # into .whl/ (ignored by git), where scripts/gpu_check.sh installs them. Only pure-Python peers built
 # on Triton travel: their dependencies (torch, triton) are already on the GPU machine, so --no-deps.
+# nvidia-cutlass travels too: the CUDA extension's build reads the CuTe headers it ships (and
+# nothing of its Python side, whose dependencies stay behind).
 # The CuTe-DSL peers (flash-attn-4, quack) need ~95 MB of compiler libraries and stay behind.
 #   bash scripts/fetch_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEERS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
+PEERS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1 nvidia-cutlass==4.2.0.0)
 LIMIT_MIB=20
 mkdir -p .whl
 for peer in "${PEERS[@]}"; do

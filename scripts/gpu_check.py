@@ -44,6 +44,9 @@ TOTAL_BUDGET_S = 420
 # Kernel tests first: they decide whether anything else matters. The rest of the suite (model,
 # trainer, data, interop) runs after them with whatever is left of the stage.
 KERNEL_TESTS = (
+    # the CUDA C++ attention and CE kernels first: never run on a GPU before
+    "tests/test_cuda_attention_dispatch.py", "tests/test_cuda_attention.py", "tests/test_cuda_attention_sm90.py",
+    "tests/test_cuda_cross_entropy.py",
     "tests/test_attention_triton.py", "tests/test_attention_candidates.py", "tests/test_rms_norm_triton.py",
     "tests/test_swiglu_triton.py", "tests/test_loss_triton.py", "tests/test_loss_memory.py",
     "tests/test_cuda_backend.py", "tests/test_ops_layer.py", "tests/test_reference.py", "tests/test_layouts.py",
@@ -62,13 +65,13 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", 70, "card, driver, versions, peers; the CUDA extension built for this card only"),
-    Stage("tests", 145, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
-    Stage("sanitizer", 35, "compute-sanitizer memcheck over one small forward+backward of every op on every backend"),
-    Stage("bench-attention", 60, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal; then varlen"),
-    Stage("bench-loss", 40, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
-    Stage("bench-norm", 40, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
-    Stage("bench-step", 30, "AIMv2-L training step: ours, eager reference, then ours and the reference compiled"),
+    Stage("env", 100, "card, driver, versions, peers; the CUDA extension built for this card only"),
+    Stage("tests", 130, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
+    Stage("sanitizer", 45, "compute-sanitizer memcheck over one small forward+backward of every op on every backend, racecheck on the CUDA C++ attention and CE"),
+    Stage("bench-attention", 55, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal; then varlen"),
+    Stage("bench-loss", 35, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
+    Stage("bench-norm", 35, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
+    Stage("bench-step", 20, "AIMv2-L training step: ours, eager reference, ours on the cuda backend, then ours and the reference compiled"),
 )
 assert sum(s.budget_s for s in STAGES) <= TOTAL_BUDGET_S
 
@@ -385,6 +388,7 @@ def stage_sanitizer(ctx: "Check", deadline: float) -> tuple[str, list[str], dict
     if ctx.smoke:
         run = ctx.runner.run([PYTHON, script, "--cpu"], deadline)
         lines = ["- compute-sanitizer: skipped (no GPU); the same calls ran on the CPU through the interpreter"]
+        race_ok = True
     else:
         tool = shutil.which("compute-sanitizer") or _toolkit_tool("compute-sanitizer")
         if tool is None:
@@ -393,13 +397,23 @@ def stage_sanitizer(ctx: "Check", deadline: float) -> tuple[str, list[str], dict
         run = ctx.runner.run([tool, "--tool", "memcheck", "--error-exitcode", "3", "--print-limit", "20",
                               PYTHON, script], deadline, {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
         lines = []
+        # Shared-memory races of the CUDA C++ kernels that stage tiles through shared memory (attention,
+        # the CE rows): racecheck is slow, so one small call of each, after memcheck, in what time is left.
+        race = ctx.runner.run([tool, "--tool", "racecheck", "--error-exitcode", "3", "--print-limit", "20",
+                               PYTHON, script, "--backend", "cuda", "--only", "prefix_causal_attention,linear_cross_entropy"],
+                              deadline)
+        race_errors = [line for line in race.output.splitlines() if "========= ERROR" in line.upper() or "Race" in line]
+        lines.append(f"- racecheck (cuda attention + CE): exit {'KILLED' if race.timed_out else race.returncode}; "
+                     f"{len(race_errors)} race lines")
+        lines += [f"  - {line.strip()}" for line in race_errors[:10]]
+        race_ok = race.returncode == 0 or race.timed_out  # out of time is not a race found
     calls = [line for line in run.output.splitlines() if line.startswith("call ")]
     errors = [line for line in run.output.splitlines() if "========= Invalid" in line or "========= ERROR" in line.upper()]
     lines.append(f"- {len(calls)} calls; exit {'KILLED' if run.timed_out else run.returncode}; "
                  f"{len(errors)} memcheck error lines")
     lines += [f"  - {line}" for line in calls if not line.rstrip().endswith(" ok")][:30]
     lines += [f"  - {line.strip()}" for line in errors[:20]]
-    status = "passed" if run.returncode == 0 else "failed"
+    status = "passed" if run.returncode == 0 and race_ok else "failed"
     return status, lines, {"calls": calls, "memcheck_errors": errors[:50]}
 
 

@@ -2,6 +2,8 @@
 
     compute-sanitizer --tool memcheck python scripts/sanitize_calls.py    # on a GPU
     python scripts/sanitize_calls.py --cpu                                 # the same calls, interpreter
+    compute-sanitizer --tool racecheck python scripts/sanitize_calls.py --backend cuda \
+        --only prefix_causal_attention,linear_cross_entropy                # shared-memory races, CUDA C++
 
 Numerics are the tests' business; this script exists so that compute-sanitizer sees each kernel once
 at sizes that stress bounds checks: odd sizes (no power of two, no multiple of a tile), bf16, and
@@ -175,9 +177,9 @@ def run_one(name: str, op: str, details: str, call: Callable, device: torch.devi
     return True
 
 
-def backends_to_check(cpu: bool) -> list[str]:
-    """triton and cuda where they can run; unavailable ones are reported and skipped."""
-    wanted = ["triton"] if cpu else ["triton", "cuda"]
+def backends_to_check(cpu: bool, only: str | None = None) -> list[str]:
+    """triton and cuda (or just `only`) where they can run; unavailable ones are reported and skipped."""
+    wanted = [only] if only else (["triton"] if cpu else ["triton", "cuda"])
     available = []
     for name in wanted:
         reason = ak.unavailable_reason(name)
@@ -192,17 +194,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true",
                         help="CPU tensors through the triton backend in TRITON_INTERPRET=1 (no GPU needed)")
+    parser.add_argument("--backend", choices=("triton", "cuda"), help="check this backend only")
+    parser.add_argument("--only", help="comma-separated op names to call (default: all)")
     args = parser.parse_args(argv)
+    ops = set(args.only.split(",")) if args.only else {op for op, _, _ in CALLS}
+    unknown = ops - {op for op, _, _ in CALLS}
+    if unknown:
+        parser.error(f"unknown op(s) {sorted(unknown)}; choose from {sorted({op for op, _, _ in CALLS})}")
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU (under compute-sanitizer), or pass --cpu", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu else "cuda")
     torch.manual_seed(0)
-    names = backends_to_check(args.cpu)
+    names = backends_to_check(args.cpu, args.backend)
     if not names:
         print("no backend to check", file=sys.stderr)
         return 1
-    results = [run_one(name, op, details, call, device) for name in names for op, details, call in CALLS]
+    results = [run_one(name, op, details, call, device) for name in names for op, details, call in CALLS if op in ops]
     failed = results.count(False)
     print(f"{len(results) - failed} of {len(results)} calls ok on {', '.join(names)} ({device.type})", flush=True)
     return 1 if failed else 0
