@@ -72,3 +72,25 @@ def one_thread():
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    """The "cuda" backend's device. It must load on a GPU machine: a build failure fails here, with its
+    reason. Skips without a GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import aimv2_kernels as ak
+
+    reason = ak.unavailable_reason("cuda")
+    assert reason is None, reason
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def poisoned_cuda_outputs(monkeypatch):
+    """Every output the csrc/ launchers allocate is filled with NaN bytes before its kernel runs
+    (AIMV2_KERNELS_POISON_OUTPUTS, read by csrc/common.cuh), so an element a kernel forgets to write
+    shows up as NaN instead of whatever the caching allocator held. The test files of the CUDA C++
+    kernels use it for every test: `pytestmark = pytest.mark.usefixtures("poisoned_cuda_outputs")`."""
+    monkeypatch.setenv("AIMV2_KERNELS_POISON_OUTPUTS", "1")

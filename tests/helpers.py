@@ -1,5 +1,8 @@
-"""Shared test utilities: comparison by relative error norm and per element, tolerances."""
+"""Shared test utilities: comparison by relative error norm and per element, tolerances, float64
+gradients, the linear cross-entropy against its reference."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -44,3 +47,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 # fp32 near 1e-5, fp16/tf32 near 3e-4..1e-3, bf16 1e-2 (SPEC section 5)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def grads64(fn, *tensors):
+    """Value and gradients of fn on float64 copies of tensors (None entries pass through)."""
+    copies = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*copies)
+    out.backward()
+    return out.detach(), [c.grad if c is not None else None for c in copies]
+
+
+def check_linear_ce(device, tokens: int, vocab: int, D: int, dtype: torch.dtype, with_bias: bool,
+                    make_labels: Callable[[int, int, torch.device], torch.Tensor]) -> None:
+    """`ak.linear_cross_entropy` on random (tokens, D) hidden states, a (vocab, D) weight, a bias if
+    with_bias, all in dtype, and make_labels(tokens, vocab, device), forward and backward, against the
+    float64 reference: the float32 loss within float32's tolerance, the gradients within dtype's."""
+    import aimv2_kernels as ak
+    from aimv2_kernels import reference as ref
+
+    hidden = torch.randn(tokens, D, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, D, device=device) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_() if with_bias else None
+    labels = make_labels(tokens, vocab, device)
+    out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    out.backward()
+    expected, grads = grads64(lambda h, w, b: ref.linear_cross_entropy(h, w, labels, b), hidden, weight, bias)
+    assert out.dtype == torch.float32
+    tol = TOLERANCE[dtype]
+    assert_close(out, expected, TOLERANCE[torch.float32], "loss")
+    assert_close(hidden.grad, grads[0], tol, "dhidden")
+    assert_close(weight.grad, grads[1], tol, "dweight")
+    if bias is not None:
+        assert_close(bias.grad, grads[2], tol, "dbias")

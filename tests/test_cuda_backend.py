@@ -17,6 +17,8 @@ from aimv2_kernels import reference as ref
 REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+pytestmark = pytest.mark.usefixtures("poisoned_cuda_outputs")  # tests/conftest.py: outputs start as NaN
+
 
 # ---- CPU: loading, and why the backend is unavailable -----------------------------------------------
 
@@ -105,25 +107,8 @@ def test_sources_are_found_from_the_checkout():
 
 # ---- GPU: every kernel against the float64 reference -------------------------------------------------
 
+# `cuda_backend` (tests/conftest.py): the backend's device, which must load on a GPU machine.
 needs_gpu = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cuda_backend():
-    """The backend must load on a GPU machine: a build failure fails here, with its reason."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    reason = ak.unavailable_reason("cuda")
-    assert reason is None, reason
-    return torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_cuda_outputs(monkeypatch):
-    """Every output the csrc/ launchers allocate is filled with NaN bytes before its kernel runs
-    (AIMV2_KERNELS_POISON_OUTPUTS, read by csrc/common.cuh), so an element a kernel forgets to write
-    shows up as NaN instead of whatever the caching allocator held."""
-    monkeypatch.setenv("AIMV2_KERNELS_POISON_OUTPUTS", "1")
 
 
 def _rows(shape, dtype, layout, device):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, rel_err
+from helpers import TOLERANCE, assert_close, check_linear_ce, grads64, rel_err
 
 import aimv2_kernels as ak
 from aimv2_kernels import backend
@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Both kernel shapes and their edges (a warp per row up to 1024 columns), pack tails, odd sizes.
 VOCABS = (1, 7, 259, 1024, 1025, 4099, 32003)
+
+pytestmark = pytest.mark.usefixtures("poisoned_cuda_outputs")  # tests/conftest.py: outputs start as NaN
 
 
 # ---- CPU: the op's schema ------------------------------------------------------------------------
@@ -57,22 +59,8 @@ def test_ce_rows_schema_declares_what_it_writes():
 
 # ---- GPU ---------------------------------------------------------------------------------------------
 
+# `cuda_backend` (tests/conftest.py): the backend's device, which must load on a GPU machine.
 needs_gpu = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def cuda_backend():
-    """The backend must load on a GPU machine: a build failure fails here, with its reason."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    reason = ak.unavailable_reason("cuda")
-    assert reason is None, reason
-    return torch.device("cuda")
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_cuda_outputs(monkeypatch):
-    monkeypatch.setenv("AIMV2_KERNELS_POISON_OUTPUTS", "1")
 
 
 @pytest.fixture
@@ -93,14 +81,6 @@ def rows_calls(cuda_backend, monkeypatch):
         yield calls
 
 
-def _grads64(fn, *tensors):
-    """Value and gradients of fn on float64 copies of tensors (None entries pass through)."""
-    copies = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
-    out = fn(*copies)
-    out.backward()
-    return out.detach(), [c.grad if c is not None else None for c in copies]
-
-
 def _labels(tokens, vocab, device, dtype=torch.int64):
     labels = torch.randint(0, vocab, (tokens,), device=device, dtype=dtype)
     labels[torch.rand(tokens, device=device) < 0.25] = -100
@@ -111,29 +91,12 @@ def _labels(tokens, vocab, device, dtype=torch.int64):
     return labels
 
 
-def _check_linear_ce(device, tokens, vocab, dtype, with_bias, D=64):
-    hidden = torch.randn(tokens, D, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, D, device=device) * 0.5).to(dtype).requires_grad_()
-    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_() if with_bias else None
-    labels = _labels(tokens, vocab, device)
-    out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias)
-    out.backward()
-    expected, grads = _grads64(lambda h, w, b: ref.linear_cross_entropy(h, w, labels, b), hidden, weight, bias)
-    assert out.dtype == torch.float32
-    tol = TOLERANCE[dtype]
-    assert_close(out, expected, TOLERANCE[torch.float32], "loss")
-    assert_close(hidden.grad, grads[0], tol, "dhidden")
-    assert_close(weight.grad, grads[1], tol, "dweight")
-    if bias is not None:
-        assert_close(bias.grad, grads[2], tol, "dbias")
-
-
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_ce_matches_reference(rows_calls, dtype, vocab, with_bias):
-    _check_linear_ce(torch.device("cuda"), 37, vocab, dtype, with_bias)
+    check_linear_ce(torch.device("cuda"), 37, vocab, 64, dtype, with_bias, _labels)
     assert len(rows_calls) == 1
 
 
@@ -143,7 +106,7 @@ def test_linear_ce_matches_reference(rows_calls, dtype, vocab, with_bias):
 def test_linear_ce_many_token_chunks(rows_calls, monkeypatch, vocab, dtype):
     """A tiny logits budget: 8 tokens per chunk at V = 1000, 1 at 4099 (dW summed over 300 chunks)."""
     monkeypatch.setattr(linear_ce_chunks, "CHUNK_ELEMENTS", 1 << 13)
-    _check_linear_ce(torch.device("cuda"), 300, vocab, dtype, with_bias=vocab == 1000)
+    check_linear_ce(torch.device("cuda"), 300, vocab, 64, dtype, vocab == 1000, _labels)
     assert len(rows_calls) == -(-300 // linear_ce_chunks.chunk_tokens(300, vocab)) > 1
 
 
@@ -179,7 +142,7 @@ def test_linear_ce_strided_int32_labels_strided_bias_and_dloss(rows_calls, vocab
     assert labels.stride() == (18, 2)
     out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=-5)
     (2.5 * out).backward()
-    expected, grads = _grads64(lambda h, w, b: 2.5 * ref.linear_cross_entropy(h, w, labels.long(), b, -5),
+    expected, grads = grads64(lambda h, w, b: 2.5 * ref.linear_cross_entropy(h, w, labels.long(), b, -5),
                                hidden, weight, bias)
     assert len(rows_calls) == 1
     tol = TOLERANCE[torch.float32]
@@ -207,7 +170,7 @@ def test_aimv2_loss_matches_reference(rows_calls, dtype):
         pixel = ref.patch_mse_loss(po[:, :-1], patches[:, 1:].double(), mask)
         return 0.4 * pixel + ref.linear_cross_entropy(h, w, labels)
 
-    expected, grads = _grads64(total64, pixel_out, hidden, weight)
+    expected, grads = grads64(total64, pixel_out, hidden, weight)
     assert len(rows_calls) == 1
     tol = TOLERANCE[dtype]
     assert_close(out.total, expected, max(tol, 1e-5), "total")
@@ -228,7 +191,7 @@ def test_linear_ce_float64_uses_the_reference_rows_with_one_warning(rows_calls):
     with pytest.warns(UserWarning, match="float64"):
         out = ak.linear_cross_entropy(hidden, weight, labels)
     out.backward()
-    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    expected, grads = grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
     assert rows_calls == [] and out.dtype == torch.float64
     assert_close(out, expected, 1e-12, "loss")
     assert_close(hidden.grad, grads[0], 1e-12, "dhidden")
@@ -245,7 +208,7 @@ def test_gpu_linear_ce_bf16_real_size(rows_calls):
     out = ak.linear_cross_entropy(hidden, weight, labels)
     out.backward()
     assert len(rows_calls) == -(-T // linear_ce_chunks.chunk_tokens(T, V))
-    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    expected, grads = grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
     # The same computation by PyTorch at this precision (see test_loss_triton's real-size test).
     h_same, w_same = (t.detach().clone().requires_grad_() for t in (hidden, weight))
     torch.nn.functional.cross_entropy((h_same @ w_same.t()).float(), labels, ignore_index=-100).backward()

@@ -13,7 +13,7 @@ import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
 from aimv2_kernels.ops import linear_ce_chunks, loss
-from tests.helpers import TOLERANCE, assert_close, rel_err
+from tests.helpers import TOLERANCE, assert_close, check_linear_ce, grads64, rel_err
 
 KERNELS = ("patch_mse_fwd", "patch_mse_bwd", "linear_ce")
 
@@ -51,14 +51,6 @@ def calls(spies):
         yield spies
 
 
-def _grads64(fn, *tensors):
-    """Value and gradients of fn on float64 copies of tensors (None entries pass through)."""
-    copies = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
-    out = fn(*copies)
-    out.backward()
-    return out.detach(), [c.grad if c is not None else None for c in copies]
-
-
 # ---- patch MSE ---------------------------------------------------------------------------------
 
 def _mask(kind, B, N, device):
@@ -85,7 +77,7 @@ def test_patch_mse_matches_reference(calls, device, P, dtype, mask_kind, norm_pi
     mask = _mask(mask_kind, B, N, device)
     out = ak.patch_mse_loss(pred, target, mask, norm_pix=norm_pix)
     out.backward()
-    expected, (dpred,) = _grads64(lambda p: ref.patch_mse_loss(p, target.double(), mask, norm_pix), pred)
+    expected, (dpred,) = grads64(lambda p: ref.patch_mse_loss(p, target.double(), mask, norm_pix), pred)
     assert calls["patch_mse_fwd"] == 1 and calls["patch_mse_bwd"] == 1
     assert out.dtype == torch.float32
     assert_close(out, expected, TOLERANCE[torch.float32], "loss")
@@ -104,7 +96,7 @@ def test_patch_mse_strided_last_dim_and_dloss(calls, device):
     target = torch.randn(N, B, P, device=device).transpose(0, 1)
     mask = torch.rand(B, N, device=device) > 0.3
     (0.4 * ak.patch_mse_loss(pred, target, mask)).backward()
-    expected, (dpred,) = _grads64(lambda p: 0.4 * ref.patch_mse_loss(p, target.double(), mask), pred)
+    expected, (dpred,) = grads64(lambda p: 0.4 * ref.patch_mse_loss(p, target.double(), mask), pred)
     assert calls["patch_mse_bwd"] == 1
     assert_close(pred.grad, dpred, TOLERANCE[torch.float32], "dpred")
 
@@ -131,26 +123,17 @@ def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls, device):
 
 # ---- linear cross-entropy ------------------------------------------------------------------------
 
-def _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias):
-    D = 32
-    hidden = torch.randn(tokens, D, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, D, device=device) * 0.5).to(dtype).requires_grad_()
-    bias = torch.randn(vocab, device=device).to(dtype).requires_grad_() if with_bias else None
+def _labels(tokens, vocab, device):
     labels = torch.randint(0, vocab, (tokens,), device=device)
     labels[torch.rand(tokens, device=device) < 0.25] = -100
     if tokens > 1:
         labels[1] = -100
-    out = ak.linear_cross_entropy(hidden, weight, labels, bias=bias)
-    out.backward()
-    expected, grads = _grads64(lambda h, w, b: ref.linear_cross_entropy(h, w, labels, b), hidden, weight, bias)
+    return labels
+
+
+def _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias):
+    check_linear_ce(device, tokens, vocab, 32, dtype, with_bias, _labels)
     assert calls["linear_ce"] == 1 and calls["ce_rows_triton"] >= 1
-    assert out.dtype == torch.float32
-    tol = TOLERANCE[dtype]
-    assert_close(out, expected, TOLERANCE[torch.float32], "loss")
-    assert_close(hidden.grad, grads[0], tol, "dhidden")
-    assert_close(weight.grad, grads[1], tol, "dweight")
-    if bias is not None:
-        assert_close(bias.grad, grads[2], tol, "dbias")
 
 
 @pytest.mark.parametrize("tokens", [1, 37, 300])
@@ -191,7 +174,7 @@ def test_linear_ce_batched_hidden_int32_labels_and_dloss(calls, device):
     labels[2, 3] = -5
     out = ak.linear_cross_entropy(hidden, weight, labels, ignore_index=-5)
     (2.5 * out).backward()
-    expected, grads = _grads64(lambda h, w: 2.5 * ref.linear_cross_entropy(h, w, labels.long(), None, -5), hidden, weight)
+    expected, grads = grads64(lambda h, w: 2.5 * ref.linear_cross_entropy(h, w, labels.long(), None, -5), hidden, weight)
     assert calls["ce_rows_triton"] == 1
     assert_close(2.5 * out, expected, TOLERANCE[torch.float32], "loss")
     assert_close(hidden.grad, grads[0], TOLERANCE[torch.float32], "dhidden")
@@ -218,7 +201,7 @@ def test_linear_ce_float64_uses_the_reference_rows(calls, device):
     labels = torch.tensor([0, 8, -100, 3, 3, 1, 2], device=device)
     out = ak.linear_cross_entropy(hidden, weight, labels)
     out.backward()
-    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    expected, grads = grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
     assert calls["linear_ce"] == 1 and calls["ce_rows_triton"] == 0
     assert out.dtype == torch.float64
     assert_close(out, expected, 1e-12, "loss")
@@ -341,7 +324,7 @@ def test_gpu_patch_mse_bf16_real_size(calls):
     mask[0] = False
     out = ak.patch_mse_loss(pixel_out[:, :-1], patches[:, 1:], mask)
     out.backward()
-    expected, (dpred,) = _grads64(lambda p: ref.patch_mse_loss(p, patches[:, 1:].double(), mask), pixel_out[:, :-1])
+    expected, (dpred,) = grads64(lambda p: ref.patch_mse_loss(p, patches[:, 1:].double(), mask), pixel_out[:, :-1])
     assert calls["patch_mse_fwd"] == 1 and calls["patch_mse_bwd"] == 1
     assert_close(out, expected, 1e-5, "loss")
     assert_close(pixel_out.grad[:, :-1], dpred, TOLERANCE[torch.bfloat16], "dpred")
@@ -370,7 +353,7 @@ def test_gpu_linear_ce_real_size(calls, dtype):
     chunk = linear_ce_chunks.chunk_tokens(T, V) * V * (4 + (size if dtype != torch.float32 else 0))
     budget = chunk + V * D * (4 + 2 * size) + 3 * T * D * size + 16 * 2**20
     assert extra <= budget, f"peak extra memory {extra / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
-    expected, grads = _grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
+    expected, grads = grads64(lambda h, w: ref.linear_cross_entropy(h, w, labels), hidden, weight)
     # The same computation by PyTorch at this precision (materialized logits, fp32 cross-entropy):
     # fp16 gradients of a mean over 10^4 tokens sit in fp16's subnormal range (about 1e-6), where
     # no implementation reaches 2e-3; the kernel may be at most twice as far off as PyTorch.
