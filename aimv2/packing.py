@@ -102,10 +102,13 @@ class PackedImages:
     # ---- per-patch coordinates and per-image views ----
     def coordinates(self) -> tuple[Tensor, Tensor]:
         """(row, column) of every patch in its image: two int64 (T,) tensors on the patches' device."""
-        rows = torch.cat([torch.arange(h).repeat_interleave(w) for h, w in self.grid])
-        cols = torch.cat([torch.arange(w).repeat(h) for h, w in self.grid])
+        heights, widths = torch.tensor(self.grid, dtype=torch.int64).unbind(1)  # (n,) each
+        lengths = heights * widths
+        image = torch.repeat_interleave(torch.arange(self.num_images), lengths)  # (T,) image of each patch
+        within = torch.arange(self.total) - (lengths.cumsum(0) - lengths)[image]  # patch index in its image
         device = self.patches.device
-        return rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)
+        return ((within // widths[image]).to(device, non_blocking=True),
+                (within % widths[image]).to(device, non_blocking=True))
 
     def split(self, x: Tensor) -> list[Tensor]:
         """(T, ...) -> one (N_i, ...) view per image."""
@@ -157,7 +160,7 @@ class DecoderLayout:
         is_image = pos < lengths_t[image_of_row]
         order = torch.where(is_image, image_starts[image_of_row] + pos,
                             T + image_of_row * (L + 1) + pos - lengths_t[image_of_row])
-        pixel = torch.cat([torch.arange(s, s + N - 1) for s, N in zip(seq_starts.tolist(), lengths)])
+        pixel = (pos < lengths_t[image_of_row] - 1).nonzero().squeeze(1)  # image positions but each image's last
         text = (seq_starts + lengths_t).unsqueeze(1) + torch.arange(L)  # (n, L)
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return cls(move(order), move(pixel), move(text), move(_cu_seqlens(seq_lengths.tolist())), int(seq_lengths.max()))
