@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, so it is set here,
 no GPU is present. Tests marked `gpu` are skipped on such machines.
 """
 import os
+import sys
 
 import pytest
 
@@ -21,6 +22,19 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # keep Triton's current 
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+# by file path: this conftest is also imported as `tests.conftest` from other roots (test_gpu_check.py)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torchvision_shim  # noqa: E402
+
+try:  # before any test imports timm or transformers, which import torchvision when it is installed
+    TORCHVISION = torchvision_shim.install()
+except Exception as exc:  # noqa: BLE001 - the tests that need it skip and say why
+    TORCHVISION = f"does not import ({type(exc).__name__}: {exc})"
+
+
+def pytest_report_header(config):
+    return f"torchvision (for timm): {TORCHVISION}"
 
 
 def pytest_runtest_logreport(report):

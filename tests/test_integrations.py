@@ -2,6 +2,7 @@
 backward, keep their weights and keys, and a call that patches nothing says so."""
 import copy
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,11 +120,129 @@ def test_patching_twice_or_the_wrong_model_is_reported():
         patch_transformers_aimv2(nn.Linear(4, 4))
 
 
-def test_unsupported_head_dim_is_left_alone_with_a_warning():
+def test_unsupported_head_dim_is_left_to_transformers_and_reported():
     model = Aimv2VisionModel(_vision_config(hidden_size=48, num_attention_heads=2))  # head dim 24
     with pytest.warns(UserWarning, match="head dim 24"):
-        swaps = patch_transformers_aimv2(model)
-    assert swaps and not any(s.before == "Aimv2Attention" for s in swaps)
+        report = patch_transformers_aimv2(model)
+    attention = [s for s in report if s.before == "Aimv2Attention"]
+    # the attention layers only get prefix_len merged into transformers' mask, and the report says so
+    assert [s.after for s in attention] == ["PrefixMaskedAimv2Attention"] * 2
+    assert all("head dim 24" in s.runs and not s.runs.startswith("aimv2_kernels") for s in attention)
+    assert all(s.runs == "aimv2_kernels" for s in report if s.before != "Aimv2Attention")
+    table = str(report)
+    assert len(table.splitlines()) == len(report) and "encoder.layers.1.attention" in table
+
+
+# ---- prefix_len on every path: token 0 must not see the last patch ------------------------------
+
+def _last_patch_leak(features_of, patch: int = 14) -> float:
+    """max |d features[:, 0] / d pixels of the last patch|: exactly 0 when prefix_len=1 is honoured
+    (token 0 then sees itself only), clearly > 0 when attention is bidirectional."""
+    pixels = torch.randn(2, 3, 3 * patch, 3 * patch, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    features_of(pixels)[:, 0].sum().backward()
+    return pixels.grad[..., -patch:, -patch:].abs().max().item()
+
+
+HF_PATHS = {  # path -> (config changes, patch keywords, call keywords, train mode)
+    "our kernel": ({}, {}, {}, False),
+    "attention dropout": ({"attention_dropout": 0.5}, {}, {}, True),
+    "attention_mask": ({}, {}, {"attention_mask": torch.ones(2, 1, 9, 9, dtype=torch.bool)}, False),
+    "output_attentions": ({}, {}, {"output_attentions": True}, False),
+    "head dim 8, skipped": ({"hidden_size": 16}, {}, {}, False),
+    "attention=False": ({}, {"attention": False}, {}, False),
+}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", list(HF_PATHS))
+def test_transformers_prefix_len_is_kept_on_every_path(path, impl):
+    config_kw, patch_kw, call_kw, train = HF_PATHS[path]
+    model = _randomize(Aimv2VisionModel(_vision_config(**config_kw, attn_implementation=impl))).train(train)
+    assert model.config._attn_implementation == impl
+    assert _last_patch_leak(lambda px: model(px, **call_kw).last_hidden_state) > 1e-4  # unpatched: it leaks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped paths warn; what matters here is what runs
+        patch_transformers_aimv2(model, **patch_kw)
+    assert _last_patch_leak(lambda px: model(px, prefix_len=1, **call_kw).last_hidden_state) == 0
+
+
+def test_prefix_len_with_an_unmergeable_attention_implementation_is_refused():
+    model = Aimv2VisionModel(_vision_config(hidden_size=16, attn_implementation="sdpa"))  # head dim 8: skipped
+    with pytest.warns(UserWarning):
+        patch_transformers_aimv2(model)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="prefix_len cannot be honoured by attn_implementation='flash_attention_2'"):
+        model(torch.randn(1, 3, 42, 42), prefix_len=1)
+
+
+@pytest.mark.parametrize("prefix_len", [None, 1])
+def test_output_attentions_returns_one_map_per_layer(prefix_len):
+    """transformers' own expectation: one (B, H, S, S) map per layer, as the unpatched model gives."""
+    model = _randomize(Aimv2VisionModel(_vision_config(attn_implementation="eager")))
+    reference = copy.deepcopy(model)
+    patch_transformers_aimv2(model)
+    pixels = torch.randn(2, 3, 42, 42)
+    mask = None if prefix_len is None else ak.reference.prefix_visibility(9, torch.tensor([1, 1])).unsqueeze(1)
+    with torch.no_grad():
+        got = model(pixels, output_attentions=True, prefix_len=prefix_len)
+        # eager adds its mask to the scores: the reference gets an additive one
+        additive = None if mask is None else torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        want = reference(pixels, output_attentions=True, attention_mask=additive)
+    assert len(got.attentions) == 2 and all(a.shape == (2, 2, 9, 9) for a in got.attentions)
+    for layer, (a, b) in enumerate(zip(got.attentions, want.attentions)):
+        assert_close(a, b, TOL, f"attention map of layer {layer}")
+    if prefix_len is not None:
+        assert (got.attentions[0][..., 0, 1:] == 0).all()  # token 0 sees itself only
+    assert_close(got.last_hidden_state, want.last_hidden_state, TOL, "features")
+
+
+# ---- modules whose forward a hook replaced -------------------------------------------------------
+
+def _count_kernel_calls(monkeypatch) -> dict:
+    """Counts the calls reaching our attention and RMSNorm ops from the patched modules."""
+    from aimv2_kernels.integrations import fused
+    from aimv2_kernels.ops import norm as norm_ops
+
+    calls = {"attention": 0, "rms_norm": 0}
+
+    def counted(name, op):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fused, "prefix_causal_attention", counted("attention", fused.prefix_causal_attention))
+    monkeypatch.setattr(norm_ops, "rms_norm", counted("rms_norm", norm_ops.rms_norm))
+    return calls
+
+
+def test_accelerate_offloaded_model_runs_the_patch(monkeypatch):
+    """A model whose modules carry accelerate's hooks (as from_pretrained(device_map=...) and offloading
+    leave them) is patched through the hooks: our ops run and prefix_len holds."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _randomize(Aimv2VisionModel(_vision_config()))
+    reference = copy.deepcopy(model)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))  # weights on meta, loaded by the hooks
+    assert any("_hf_hook" in vars(m) for m in model.modules())
+    report = patch_transformers_aimv2(model)
+    assert len(report) == 10
+    calls = _count_kernel_calls(monkeypatch)
+    pixels = torch.randn(2, 3, 42, 42)
+    with torch.no_grad():
+        got = model(pixels).last_hidden_state
+    assert calls == {"attention": 2, "rms_norm": 6}  # 2 layers x (attention, 2 norms), embedding and final norm
+    assert_close(got, reference(pixels).last_hidden_state, TOL, "offloaded, patched features")
+    assert _last_patch_leak(lambda px: model(px, prefix_len=1).last_hidden_state) == 0
+
+
+def test_a_forward_replaced_on_the_instance_is_refused_before_anything_changes():
+    model = Aimv2VisionModel(_vision_config())
+    attention = model.encoder.layers[1].attention
+    attention.forward = lambda *args, **kwargs: type(attention).forward(attention, *args, **kwargs)  # a wrapper
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"encoder\.layers\.1\.attention \(Aimv2Attention\) has its forward replaced"):
+        patch_transformers_aimv2(model)
+    assert [type(m) for m in model.modules()] == classes  # nothing was patched
 
 
 # ---- swap_modules --------------------------------------------------------------------------------
@@ -208,23 +327,72 @@ def test_swap_modules_leaves_our_own_modules_alone():
         swap_modules(model)
 
 
-def test_timm_aimv2_patch():
+def _timm_aimv2(**kw):
+    """A small timm AIMv2 (3 x 3 patches, no class token) with random weights. timm imports torchvision,
+    made importable in the tests by tests/torchvision_shim.py (see conftest.py)."""
     try:
         import timm
     except Exception as exc:  # noqa: BLE001 - timm also fails through its torchvision import
         pytest.skip(f"timm does not import here ({type(exc).__name__}: {exc})")
-    model = _randomize(timm.create_model("aimv2_large_patch14_224", pretrained=False, img_size=42, embed_dim=64,
-                                         depth=2, num_heads=2, num_classes=0))
+    base = dict(pretrained=False, img_size=42, embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    return _randomize(timm.create_model("aimv2_large_patch14_224", **{**base, **kw}))
+
+
+def test_timm_aimv2_patch():
+    model = _timm_aimv2()
     reference = copy.deepcopy(model)
     swaps = patch_timm_aimv2(model)
-    assert {s.before for s in swaps} == {"RmsNorm", "SwiGLU", "Attention"}
+    assert {s.before for s in swaps} == {"VisionTransformer", "RmsNorm", "SwiGLU", "Attention"}
     x = torch.randn(2, 3, 42, 42)
     got, want = model.forward_features(x), reference.forward_features(x)
+    assert got.shape == (2, 9, 64)
     assert_close(got, want, TOL, "timm features")
     got.square().sum().backward()
     want.square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, TOL, f"grad of {name}")
+
+
+def test_timm_prefix_len_matches_the_dense_mask():
+    model = _timm_aimv2()
+    reference = copy.deepcopy(model)
+    patch_timm_aimv2(model)
+    x, prefix = torch.randn(3, 3, 42, 42), torch.tensor([1, 4, 8])
+    dense = ak.reference.prefix_visibility(9, prefix).unsqueeze(1)
+    with torch.no_grad():
+        want = reference.forward_features(x, attn_mask=dense)
+        assert_close(model.forward_features(x, prefix_len=prefix), want, TOL, "prefix-causal features")
+        assert_close(model(x, prefix_len=prefix), reference(x, attn_mask=dense), TOL, "prefix-causal pooled output")
+        assert (want - reference.forward_features(x)).abs().max() > 1e-3  # the mask really changed something
+
+
+TIMM_PATHS = {  # path -> (create_model changes, patch keywords, call keywords, train mode)
+    "our kernel": ({}, {}, {}, False),
+    "attention dropout": ({"attn_drop_rate": 0.5}, {}, {}, True),
+    "attn_mask": ({}, {}, {"attn_mask": torch.ones(2, 1, 9, 9, dtype=torch.bool)}, False),
+    "head dim 8, skipped": ({"embed_dim": 16}, {}, {}, False),
+    "attention=False": ({}, {"attention": False}, {}, False),
+}
+
+
+@pytest.mark.parametrize("path", list(TIMM_PATHS))
+def test_timm_prefix_len_is_kept_on_every_path(path):
+    create_kw, patch_kw, call_kw, train = TIMM_PATHS[path]
+    model = _timm_aimv2(**create_kw).train(train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped paths warn; what matters here is what runs
+        report = patch_timm_aimv2(model, **patch_kw)
+    assert all(s.runs for s in report)
+    assert _last_patch_leak(lambda px: model.forward_features(px, **call_kw)) > 1e-4  # no prefix: bidirectional
+    assert _last_patch_leak(lambda px: model.forward_features(px, prefix_len=1, **call_kw)) == 0
+
+
+def test_timm_prefix_len_with_gradient_checkpointing_is_refused():
+    model = _timm_aimv2()
+    patch_timm_aimv2(model)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(ValueError, match="prefix_len cannot be combined with timm's gradient checkpointing"):
+        model(torch.randn(1, 3, 42, 42), prefix_len=1)
 
 
 # ---- docs ----------------------------------------------------------------------------------------

@@ -23,16 +23,16 @@ from torch import nn
 
 from ..nn import SwiGLU as OurSwiGLU
 from .fused import (
+    KERNELS,
+    PatchReport,
     Swap,
     fc13_swiglu_forward,
     gate_up_down_forward,
     is_fused,
     is_silu,
-    nothing_patched,
-    retype,
+    report,
     timm_swiglu_forward,
     torch_rms_norm_forward,
-    warn_skipped,
 )
 
 LOOKED_FOR = ("torch.nn.RMSNorm and no SwiGLU module of a known pattern (gate_proj/up_proj/down_proj with "
@@ -73,30 +73,29 @@ def match_swiglu(module: nn.Module) -> tuple[Optional[Callable], str]:
     return None, ""
 
 
-def swap_modules(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, strict: bool = True) -> list[Swap]:
+def swap_modules(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, strict: bool = True) -> PatchReport:
     """Replace, in place, every torch.nn.RMSNorm and documented SwiGLU pattern in `model` with our
     fused version (see the module docstring); returns what changed, one `Swap` per module.
 
-    Weights, state-dict keys and hooks are kept. Modules already patched are left alone. When nothing
-    matches, raises NothingPatchedError (a ValueError) naming what was looked for, or with
-    strict=False warns and returns []. Candidates passed over (a SwiGLU-shaped module with another
-    activation, a multi-dim RMSNorm) are named in a warning.
+    Weights, state-dict keys and hooks are kept (accelerate's hooks run the patched forward). Modules
+    already patched are left alone. When nothing matches, raises NothingPatchedError (a ValueError)
+    naming what was looked for, or with strict=False warns and returns []. Candidates passed over (a
+    SwiGLU-shaped module with another activation, a multi-dim RMSNorm) are named in a warning and in
+    the report's `passed_over`. Attention is never touched, so prefix_len does not concern it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     matchers = [m for m, on in ((match_rms_norm, rms_norm), (match_swiglu, swiglu)) if on]
-    swaps, skipped = [], []
+    plan, passed_over = [], []
     for name, module in model.named_modules():
         if is_fused(module):
             continue
         for match in matchers:
             forward, why_not = match(module)
             if forward is not None:
-                swaps.append(retype(module, forward, name))
+                plan.append((name, module, forward, KERNELS, "Fused"))
                 break
             if why_not:
-                skipped.append(f"{name or '(model)'} ({type(module).__name__}): {why_not}")
-    if not swaps:
-        return nothing_patched("swap_modules", model, LOOKED_FOR, skipped, strict)
-    warn_skipped("swap_modules", skipped)
-    return swaps
+                cls = type(module).__name__
+                passed_over.append(Swap(name or "(model)", cls, cls, f"original: {why_not}"))
+    return report("swap_modules", model, LOOKED_FOR, plan, passed_over, strict)
