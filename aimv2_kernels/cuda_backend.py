@@ -103,4 +103,6 @@ def _ce_rows_fake(logits, bias, labels, ignore_index, scale, loss_out, dlogits_o
 
 
 # The attention kernels choose their compiled path by card; they live in their own module.
-from . import cuda_attention  # noqa: E402,F401  (registers attention_fwd / attention_bwd when built)
+from . import cuda_attention  # noqa: E402
+
+cuda_attention.register()

@@ -1110,6 +1110,22 @@ void attention_sm80_bwd_launch(const AttentionSm80Params& params, int head_dim, 
   AIMV2_ATTENTION_SM80_DISPATCH(launch_bwd, params, head_dim, bf16, stream);
 }
 
+// True when this library carries device code that runs on `device`. cudaFuncGetAttributes fails
+// (cudaErrorInvalidDeviceFunction) when no image fits the card, e.g. a Blackwell GPU under the default
+// "8.0;9.0a" build, where a launch would fail. It neither launches nor synchronizes: safe during
+// CUDA-graph capture.
+bool attention_sm80_has_code(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attributes, ampere_attention::attention_bwd_preprocess_kernel<cutlass::bfloat16_t, 64>);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // the answer, not an error of the next call
+    return false;
+  }
+  return true;
+}
+
 // ---- host entries ----------------------------------------------------------------------------------
 
 namespace {

@@ -34,6 +34,8 @@ TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
         "-> (Tensor, Tensor)");
   m.def("cuda_attention_bwd_sm80(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  // No tensor argument to dispatch on: one kernel for every dispatch key.
+  m.def("cuda_attention_sm80_has_code(int device) -> bool", &aimv2::attention_sm80_has_code);
 }
 
 TORCH_LIBRARY_IMPL(aimv2_kernels, CUDA, m) {

@@ -73,6 +73,9 @@ void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::T
 std::tuple<at::Tensor, at::Tensor> attention_fwd_sm80(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& prefix_len, bool causal,
                                                       double scale);
+// Whether the library has device code for the card `device` (the sm_80 kernels run on sm_80 and newer,
+// but only on cards an image was built for).
+bool attention_sm80_has_code(int64_t device);
 // Its backward into dq, dk, dv (any strides with a unit last stride, e.g. views of one packed buffer);
 // deterministic (no atomics): a delta preprocess, a dK/dV kernel and a dQ kernel.
 void attention_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -65,13 +65,15 @@ class Stage:
 
 
 STAGES = (
-    Stage("env", 100, "card, driver, versions, peers; the CUDA extension built for this card only"),
-    Stage("tests", 130, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
-    Stage("sanitizer", 45, "compute-sanitizer memcheck over one small forward+backward of every op on every backend, racecheck on the CUDA C++ attention and CE"),
-    Stage("bench-attention", 55, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal; then varlen"),
-    Stage("bench-loss", 35, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
-    Stage("bench-norm", 35, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
-    Stage("bench-step", 20, "AIMv2-L training step: ours, eager reference, ours on the cuda backend, then ours and the reference compiled"),
+    # env: the extension's build took 148 s on the H200 of 2026-12-04 (16 jobs; the CuTe attention
+    # files set the pace), so 100 s cut it off and left the whole run without the cuda backend.
+    Stage("env", 170, "card, driver, versions, peers; the CUDA extension built for this card only"),
+    Stage("tests", 120, "kernel tests (every autotune candidate, edge cases, cuda backend), then the rest; autotuning off"),
+    Stage("sanitizer", 35, "compute-sanitizer memcheck over one small forward+backward of every op on every backend, racecheck on the CUDA C++ attention and CE"),
+    Stage("bench-attention", 40, "attention: ours vs FlexAttention (mask outside / inside), SDPA dense, SDPA causal; then varlen"),
+    Stage("bench-loss", 20, "loss: ours vs Liger FLCE+MSE, Cut Cross-Entropy+MSE, eager, compiled"),
+    Stage("bench-norm", 20, "RMSNorm and SwiGLU: ours (triton, cuda) vs Liger, eager, compiled"),
+    Stage("bench-step", 15, "AIMv2-L training step: ours, eager reference, ours on the cuda backend, then ours and the reference compiled"),
 )
 assert sum(s.budget_s for s in STAGES) <= TOTAL_BUDGET_S
 
@@ -207,6 +209,20 @@ def _tagged_json(output: str, tag: str) -> Optional[dict]:
     return None
 
 
+def _error_path_lines(ctx: "Check", deadline: float) -> list[str]:
+    """scripts/error_path_probe.py: whether the compiled ops' argument errors raise; on a crash, the
+    native backtrace from cuda-gdb (the machine has no gdb) of a second run."""
+    probe = ctx.runner.run([PYTHON, "-X", "faulthandler", "scripts/error_path_probe.py"], deadline)
+    cases = [line for line in probe.output.splitlines() if line.startswith("ERROR_PATH ")]
+    lines = [f"- argument errors of the compiled ops: exit {probe.returncode}; " + "; ".join(c[11:] for c in cases)]
+    if probe.returncode not in (0, None) and shutil.which("cuda-gdb"):
+        trace = ctx.runner.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", PYTHON,
+                                "scripts/error_path_probe.py"], min(deadline, time.time() + 40))
+        frames = [line for line in trace.output.splitlines() if re.match(r"#\d+ ", line)]
+        lines.append("  crashed; native backtrace (cuda-gdb):\n```\n" + "\n".join(frames[:25]) + "\n```")
+    return lines
+
+
 def stage_env(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
     lines, fields, status = [], {}, "passed"
     if not ctx.smoke:
@@ -226,6 +242,11 @@ def stage_env(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
     if ctx.smoke:
         lines.append("- build: skipped (no GPU: the CPU smoke run uses the installed package, pure Python)")
     else:
+        # The host compiler the build will use (torch's build honours CC/CXX): an error message that
+        # formats a number crashed the process on 2026-12-04, with the build on /opt/gcc.
+        compiler = ctx.runner.run(["bash", "-c", 'echo "CC=${CC:-} CXX=${CXX:-}"; ${CXX:-c++} --version | head -1; '
+                                   'nvcc --version | tail -1'], deadline)
+        lines.append(f"- compilers: {' | '.join(compiler.output.strip().splitlines())}")
         arch = info.get("capability", "9.0")
         arch = arch + "a" if arch == "9.0" else arch  # sm_90a: the Hopper-only instructions
         build = ctx.runner.run([PYTHON, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
@@ -248,6 +269,8 @@ def stage_env(ctx: "Check", deadline: float) -> tuple[str, list[str], dict]:
     lines.append(f"- backends: {b.get('available')}; cuda backend: {b.get('cuda', b.get('error'))}")
     if not ctx.smoke and b.get("cuda") != "ok":
         status = "failed"
+    if not ctx.smoke and b.get("cuda") == "ok":
+        lines += _error_path_lines(ctx, deadline)
     card = ctx.runner.run([PYTHON, "-c", PROBE_CARD], deadline)
     c = _tagged_json(card.output, "CARD")
     fields["card"] = c

@@ -5,6 +5,10 @@ On any machine: the build plumbing (CuTe headers found, Hopper built as sm_90a) 
 compiled kernels, forward and backward, against the float64 reference, and falls back with one
 warning for what they do not take. The kernels' own edge cases: tests/test_cuda_attention*.py.
 """
+import importlib.util
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,6 +49,152 @@ def test_inputs_the_compiled_attention_does_not_take():
     assert "head dims (64, 128)" in unsupported_reason(small, small, small)
     odd = torch.randn(2, 8, 3, 65, dtype=torch.bfloat16)[..., :64].transpose(1, 2)  # rows 130 bytes apart
     assert "16-byte" in unsupported_reason(odd, odd, odd)
+
+
+class _FakeHopper:
+    """Stands in for the compiled ops on a CPU machine posing as an H200: records which path ran and
+    checks what the real launchers check (a unit last stride; for sm_90's TMA, positive strides that
+    are multiples of 16 bytes), so the routing in cuda_attention is tested without a GPU."""
+
+    def __init__(self, monkeypatch, sm90_error=None, capability=(9, 0), has_code=True):
+        from aimv2_kernels import cuda_attention
+
+        self.calls, self.sm90_error, self.has_code = [], sm90_error, has_code
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(cuda_attention, "_compiled", self._op)
+        monkeypatch.setattr(cuda_attention, "_no_sm90a", set())
+        monkeypatch.setattr(cuda_attention, "_device_code", {})
+        monkeypatch.setattr(cuda_attention, "_sm90a_checked", set())
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
+        self.capturing = False
+
+    def _op(self, name):
+        if name == "cuda_attention_sm80_has_code":
+            return lambda device: self.has_code
+
+        def run(*args):
+            tensors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+            for t in tensors:
+                assert t.stride(-1) == 1, (name, t.stride())
+                if "sm90" in name:
+                    assert all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:-1]), (name, t.stride())
+            self.calls.append(name)
+            if "sm90" in name and self.sm90_error is not None:
+                raise RuntimeError(self.sm90_error)
+            if "fwd" in name:
+                q = tensors[0]
+                return torch.empty_like(q), torch.empty(q.shape[:3], dtype=torch.float32)
+            return None
+        return run
+
+
+def _bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def test_broadcast_inputs_and_dout_reach_the_kernels_dense(monkeypatch):
+    """dout of `.sum()` (all strides 0), of `(out * w).sum()` (strides (0, 0, 0, 1)) and q, k, v
+    expanded over heads are made dense for the kernels, never sent to them as they are (sm_90's TMA
+    and the sm_80 checks refuse stride 0) nor to a slower backend."""
+    from aimv2_kernels import cuda_attention
+
+    fake = _FakeHopper(monkeypatch)
+    q = _bf16(2, 1, 9, 64).expand(2, 3, 9, 64)  # one head broadcast to three: stride 0 over H
+    k, v = _bf16(2, 3, 9, 64), _bf16(2, 3, 9, 64)
+    out, lse = cuda_attention.attention_fwd_cuda(q, k, v, None, True, 0.125)
+    for dout in (torch.ones(()).to(torch.bfloat16).expand(2, 3, 9, 64), _bf16(64).expand(2, 3, 9, 64)):
+        cuda_attention.attention_bwd_cuda(dout, q, k, v, out, lse, None, True, 0.125)
+    assert fake.calls == ["cuda_attention_fwd_sm90"] + ["cuda_attention_bwd_sm90"] * 2
+
+
+def test_batch_or_heads_past_the_sm90_grid_run_the_sm80_kernels(monkeypatch):
+    from aimv2_kernels import cuda_attention
+
+    fake = _FakeHopper(monkeypatch)
+    monkeypatch.setattr(cuda_attention, "SM90_MAX_GRID_YZ", 2)  # stands for 65535 without the memory
+    q = _bf16(3, 2, 5, 64)
+    out, lse = cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    cuda_attention.attention_bwd_cuda(out, q, q, q, out, lse, None, True, 0.125)
+    assert fake.calls == ["cuda_attention_fwd_sm80", "cuda_attention_bwd_sm80"]
+
+
+def test_only_a_build_without_sm90a_code_demotes_the_device(monkeypatch):
+    """An sm_90 error for another reason (the first call made during CUDA-graph capture mentions
+    "sm_90a code" too) surfaces; only the launcher's no-sm_90a-code error moves the device to sm_80."""
+    from aimv2_kernels import cuda_attention
+
+    q = _bf16(1, 2, 5, 64)
+    _FakeHopper(monkeypatch, sm90_error="the first sm_90 attention call on a device must run outside CUDA "
+                "graph capture (it checks once, synchronously, that the library carries sm_90a code)")
+    with pytest.raises(RuntimeError, match="graph capture"):
+        cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    assert not cuda_attention._no_sm90a
+    fake = _FakeHopper(monkeypatch, sm90_error="attention_fwd_sm90: this build of the extension has no sm_90a "
+                       "device code (wgmma/TMA need the arch-specific target)")
+    with pytest.warns(UserWarning, match="sm_80 attention kernels"):
+        cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    assert fake.calls == ["cuda_attention_fwd_sm90", "cuda_attention_fwd_sm80"]
+
+
+def test_a_card_the_build_has_no_code_for_runs_the_next_backend(monkeypatch):
+    """A Blackwell card under the default "8.0;9.0a" build: no compiled kernel is launched; the call goes
+    to the next backend with the reason."""
+    from aimv2_kernels import cuda_attention
+
+    fake = _FakeHopper(monkeypatch, capability=(10, 0), has_code=False)
+    chosen = []
+    monkeypatch.setattr(cuda_attention, "_fallback", lambda kernel, reason: chosen.append(reason) or (lambda *a: None))
+    q = _bf16(1, 2, 5, 64)
+    cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    assert fake.calls == [] and "no device code for compute capability 10.0" in chosen[0]
+
+
+def test_a_first_call_during_graph_capture_runs_the_sm80_kernels(monkeypatch):
+    """The Hopper path checks once, synchronously, that the library has sm_90a code: illegal during
+    capture. A first call made while capturing takes the sm_80 kernels; once a Hopper call has run
+    outside capture, captured calls take the Hopper kernels too."""
+    from aimv2_kernels import cuda_attention
+
+    fake = _FakeHopper(monkeypatch)
+    q = _bf16(1, 2, 5, 64)
+    for capturing in (True, False, True):
+        fake.capturing = capturing
+        cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    assert fake.calls == ["cuda_attention_fwd_sm80", "cuda_attention_fwd_sm90", "cuda_attention_fwd_sm90"]
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 64), (2, 0, 5, 64)])
+def test_empty_batch_or_heads_launch_nothing(monkeypatch, shape):
+    """B or H of 0 reaches the backend (S = 0 is refused by validation); no kernel is launched (TMA
+    cannot describe an empty dim) and the results have the op's shapes and layout."""
+    from aimv2_kernels import cuda_attention
+
+    fake = _FakeHopper(monkeypatch)
+    q = _bf16(*shape)
+    out, lse = cuda_attention.attention_fwd_cuda(q, q, q, None, True, 0.125)
+    assert out.shape == shape and out.transpose(1, 2).is_contiguous() and lse.shape == shape[:3]
+    grads = cuda_attention.attention_bwd_cuda(out, q, q, q, out, lse, None, True, 0.125)
+    assert [g.shape for g in grads] == [shape] * 3 and fake.calls == []
+
+
+def test_attention_registers_even_when_its_module_was_imported_first(monkeypatch):
+    """cuda_backend registers the attention kernels by calling register() when the library loads: a
+    module imported earlier (by a test, or a user reading unsupported_reason) must not leave the cuda
+    backend without attention."""
+    from aimv2_kernels import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "_compiled", lambda name: object())
+    monkeypatch.setattr(torch.library, "register_fake", lambda name: (lambda fn: fn))
+    for kernel in ("attention_fwd", "attention_bwd"):
+        monkeypatch.setitem(backend._REGISTRY, kernel, dict(backend._REGISTRY[kernel]))
+        backend._REGISTRY[kernel].pop("cuda", None)
+    cuda_attention.register()
+    assert backend._REGISTRY["attention_fwd"]["cuda"] is cuda_attention.attention_fwd_cuda
+    assert backend._REGISTRY["attention_bwd"]["cuda"] is cuda_attention.attention_bwd_cuda
+    # the plug-in cannot be imported without the compiled library; its text must make the call
+    plugin = Path(importlib.util.find_spec("aimv2_kernels.cuda_backend").origin).read_text()
+    assert "\ncuda_attention.register()\n" in plugin
 
 
 # ---- GPU ------------------------------------------------------------------------------------------
@@ -88,3 +238,27 @@ def test_unsupported_inputs_fall_back_with_one_warning(cuda_attention):
         out = ak.prefix_causal_attention(q, q, q, 4)
     assert_close(out, ref.prefix_causal_attention(q.double(), q.double(), q.double(), torch.tensor([4], device=q.device)),
                  2e-2, "fallback out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["sum", "mean", "weighted"])
+def test_broadcast_dout_and_expanded_inputs_on_the_compiled_kernels(cuda_attention, loss):
+    """autograd's dout of `.sum()` / `.mean()` has strides (0, 0, 0, 0), of `(out * w).sum()`
+    (0, 0, 0, 1); q expanded over heads has stride 0 there. The cuda backend runs them on its own
+    kernels (no fallback warning) and matches the reference."""
+    device = cuda_attention
+    q = torch.randn(2, 1, 77, 128, device=device, dtype=torch.bfloat16).expand(2, 3, 77, 128).requires_grad_()
+    k, v = (torch.randn(2, 3, 77, 128, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w = torch.randn(128, device=device, dtype=torch.bfloat16)
+    prefix = torch.tensor([5, 40], device=device)
+    reduce = {"sum": lambda o: o.sum(), "mean": lambda o: o.mean(), "weighted": lambda o: (o * w.to(o.dtype)).sum()}[loss]
+    with ak.use_backend("cuda"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ak.prefix_causal_attention(q, k, v, prefix)
+        grads = torch.autograd.grad(reduce(out), (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = ref.prefix_causal_attention(q64, k64, v64, prefix)
+    expected_grads = torch.autograd.grad(reduce(expected), (q64, k64, v64))
+    assert_close(out, expected, 2e-2, "out")
+    for name, got, want in zip("qkv", grads, expected_grads):
+        assert_close(got, want, 3e-2, f"d{name}")

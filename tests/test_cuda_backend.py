@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close
+from helpers import TOLERANCE, assert_close, device_memsets
 
 import aimv2_kernels as ak
 from aimv2_kernels import backend, cuda_ext
@@ -377,5 +377,5 @@ def test_poison_hook_fills_every_output_before_its_kernel(cuda_backend, monkeypa
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         torch.ops.aimv2_kernels.cuda_rms_norm_fwd(x, None, 1e-5)
         torch.cuda.synchronize()
-    memsets = [e for e in prof.events() if "memset" in e.name.lower()]
+    memsets = device_memsets(prof)
     assert len(memsets) == (2 if poison == "1" else 0), [e.name for e in prof.events()]
