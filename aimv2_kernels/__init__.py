@@ -3,6 +3,7 @@
     import aimv2_kernels as ak
     y = ak.rms_norm(x, weight)
     o = ak.prefix_causal_attention(q, k, v, prefix_len)
+    o = ak.prefix_causal_attention_qkvpacked(qkv, prefix_len)  # (B, S, 3, H, D) in, (B, S, H, D) out
     o = ak.prefix_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)  # packed
 
 Every op is a `torch.library` custom op (namespace `aimv2_kernels`) with a pure-PyTorch reference in
@@ -11,6 +12,7 @@ Every op is a `torch.library` custom op (namespace `aimv2_kernels`) with a pure-
 from . import nn, reference
 from .backend import available_backends, get_backend, set_backend, unavailable_reason, use_backend
 from .ops.attention import prefix_causal_attention
+from .ops.attention_qkvpacked import prefix_causal_attention_qkvpacked
 from .ops.attention_varlen import prefix_causal_attention_varlen
 from .ops.loss import AIMv2Loss, aimv2_loss, linear_cross_entropy, patch_mse_loss
 from .ops.norm import rms_norm, rms_norm_residual
@@ -28,6 +30,7 @@ __all__ = [
     "nn",
     "patch_mse_loss",
     "prefix_causal_attention",
+    "prefix_causal_attention_qkvpacked",
     "prefix_causal_attention_varlen",
     "reference",
     "rms_norm",

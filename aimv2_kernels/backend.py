@@ -106,6 +106,7 @@ def register(kernel: str, backend: str) -> Callable[[Callable], Callable]:
 
     def wrap(fn: Callable) -> Callable:
         _REGISTRY.setdefault(kernel, {})[backend] = fn
+        _resolved.clear()  # a new implementation may change what a kernel resolves to
         return fn
 
     return wrap
@@ -163,12 +164,28 @@ def _import_package(package: str) -> None:
         importlib.import_module(f"{package}.{info.name}")
 
 
+# (kernel, device type, chosen backend) -> the backend name `_resolve` picked. Every op call resolves
+# its kernels, and a tiny call's whole budget is a few microseconds: the walk over availability and
+# fallbacks runs once per key. The implementation itself is looked up in _REGISTRY on every call, so
+# a test that swaps a registry entry is seen at once; `register` clears the cache. Failures (an
+# explicit backend that cannot run here) are not cached: they raise every time.
+_resolved: dict[tuple[str, str, str], str] = {}
+
+
 def resolve(kernel: str, device: torch.device) -> tuple[str, Callable]:
     """Pick (backend name, implementation) of `kernel` for tensors on `device`."""
+    chosen = get_backend()
+    key = (kernel, device.type, chosen)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(kernel, device, chosen)[0]
+    return name, _REGISTRY[kernel][name]
+
+
+def _resolve(kernel: str, device: torch.device, chosen: str) -> tuple[str, Callable]:
     impls = _REGISTRY.get(kernel)
     if not impls or "torch" not in impls:
         raise KeyError(f"no reference implementation registered for kernel {kernel!r}")
-    chosen = get_backend()
     if device.type != "cuda":
         if chosen == "triton" and interpreter_enabled() and _triton_status() is None and "triton" in impls:
             return "triton", impls["triton"]

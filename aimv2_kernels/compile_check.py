@@ -4,9 +4,16 @@
 
 The interpreter accepts code that the GPU compiler rejects, so each kernel is also compiled for sm_80
 and sm_90 at the configs its launcher picks for real AIMv2 sizes. For each (kernel config, arch) this
-prints registers, local memory (spills), shared memory and the matrix instructions found in the SASS
-(HMMA on sm_80, HGMMA = wgmma on sm_90). It exits non-zero on a compile error, or on local memory use
-in a config marked hot.
+prints registers, local memory (spills), shared memory, the matrix instructions found in the SASS
+(HMMA on sm_80, HGMMA = wgmma on sm_90) and, per dot, the tensor-core layout Triton chose (read from
+the TTGIR). It exits non-zero on a compile error, on local memory use in a config marked hot, or on a
+hot config whose dot layout covers more rows or columns than its tile (duplicated tensor-core work).
+
+"HGMMA in the SASS" says nothing about how well the tensor cores are used: on sm_90 a chained dot (the
+result of one feeding the next, as in attention) gets its warps along rows only, so 8 warps on a
+64-row tile give `warpsPerCTA = [8, 1]`, 128 rows of instructions for 64 rows of data: the second
+warpgroup recomputes what the first computes (sm_80's mma.sync can do the same along columns). The
+layout says so before any GPU run does.
 
 Kernel modules in `aimv2_kernels/triton_kernels/` take part by defining
 
@@ -43,6 +50,9 @@ class KernelConfig:
     # 128-bit accesses and changes register use). None: every pointer argument, as torch allocations
     # are 16-byte aligned; name integer strides/sizes here too when the launcher's real sizes are.
     divisible_by_16: tuple[str, ...] | None = None
+    # SM versions this entry is for (a launcher whose configs differ per architecture registers one
+    # entry per arch); None: every arch checked.
+    arches: tuple[int, ...] | None = None
 
     def attrs(self) -> dict:
         names = self.divisible_by_16
@@ -57,6 +67,78 @@ class KernelConfig:
 SHARED_BYTES_PER_BLOCK = {80: 166912, 90: 232448}
 
 
+@dataclasses.dataclass(frozen=True)
+class DotLayout:
+    """One dot of a compiled kernel: its result tile and the tensor-core layout computing it.
+
+    `warps` is the layout's warpsPerCTA (warps along rows, along columns) and `instr` its instrShape:
+    per warp 16 rows by instr[1] columns (mma.sync on sm_80: [16, 8]; wgmma on sm_90: [16, N, K],
+    four warps of 16 rows making one m64nNkK instruction). Version 0, no warps: a dot without tensor
+    cores (FMA), which cannot duplicate tensor-core work."""
+
+    rows: int
+    cols: int
+    version: int = 0  # 2: mma.sync (sm_80 style), 3: wgmma (sm_90); 0: no tensor cores (FMA)
+    warps: tuple[int, ...] = ()
+    instr: tuple[int, ...] = ()
+
+    @property
+    def duplicated(self) -> bool:
+        """The layout spans more rows or columns than the tile: some warps compute what others do."""
+        if not self.version:
+            return False
+        return self.warps[0] * 16 > self.rows or self.warps[1] * self.instr[1] > self.cols
+
+    def describe(self) -> str:
+        """e.g. "64x128 wgmma m64n64k16 w4x2", "128x64 mma m16n8 w8x1 DUP"."""
+        if not self.version:
+            return f"{self.rows}x{self.cols} fma"
+        if self.version >= 3:
+            instr = f"wgmma m64n{self.instr[1]}k{self.instr[2]}" if len(self.instr) > 2 else f"wgmma m64n{self.instr[1]}"
+        else:
+            instr = f"mma m{self.instr[0]}n{self.instr[1]}"
+        warps = "x".join(str(w) for w in self.warps)
+        return f"{self.rows}x{self.cols} {instr} w{warps}" + (" DUP" if self.duplicated else "")
+
+
+# A layout definition, "#mma1 = #ttg.nvidia_mma<{versionMajor = 3, ..., warpsPerCTA = [4, 2],
+# instrShape = [16, 64, 16]}>" (triton 3.6 to 3.9; older releases spelled the dialect triton_gpu).
+_MMA_DEF = re.compile(r"^(#[\w.]+)\s*=\s*#[\w.]*nvidia_mma<\{(.*?)\}>", re.MULTILINE)
+# A dot: "tt.dot" (mma.sync or FMA) or "ttng.warp_group_dot" (wgmma; not its "_wait"), whose result
+# type ends the line: "-> tensor<64x128xf32, #mma1>" (or the layout written out in place).
+_DOT = re.compile(r"= (?:tt\.dot|[\w.]*warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, (#[^>]*>?)>")
+
+
+def _ints(text: str, key: str) -> tuple[int, ...]:
+    match = re.search(rf"{key}\s*=\s*\[([\d,\s]*)\]", text)
+    return tuple(int(x) for x in match.group(1).split(",") if x.strip()) if match else ()
+
+
+def _mma_layout(body: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    version = re.search(r"versionMajor\s*=\s*(\d+)", body)
+    return int(version.group(1)) if version else 0, _ints(body, "warpsPerCTA"), _ints(body, "instrShape")
+
+
+def dot_layouts(ttgir: str) -> list[DotLayout]:
+    """The distinct dot layouts of a kernel's TTGIR, in order of appearance (a dot in a pipelined or
+    repeated loop shows up several times but is listed once)."""
+    defs = {name: _mma_layout(body) for name, body in _MMA_DEF.findall(ttgir)}
+    found: list[DotLayout] = []
+    for line in ttgir.splitlines():
+        match = _DOT.search(line)
+        if match is None:
+            continue
+        rows, cols, layout = int(match.group(1)), int(match.group(2)), match.group(3)
+        if "nvidia_mma<" in layout:  # written out in place rather than as an alias
+            version, warps, instr = _mma_layout(layout)
+        else:
+            version, warps, instr = defs.get(layout.rstrip(">"), (0, (), ()))
+        dot = DotLayout(rows, cols, version, warps, instr) if version else DotLayout(rows, cols)
+        if dot not in found:
+            found.append(dot)
+    return found
+
+
 @dataclasses.dataclass
 class CompileResult:
     label: str
@@ -68,6 +150,7 @@ class CompileResult:
     mma: str = ""  # "HGMMA", "HMMA", "" (none)
     error: str = ""
     hot: bool = True
+    dots: list[DotLayout] = dataclasses.field(default_factory=list)
 
     @property
     def spills(self) -> bool:
@@ -79,8 +162,21 @@ class CompileResult:
         return self.shared_bytes > SHARED_BYTES_PER_BLOCK.get(self.arch, 1 << 62)
 
     @property
+    def duplicated(self) -> bool:
+        """Some dot's layout covers more rows or columns than its tile (see DotLayout)."""
+        return any(dot.duplicated for dot in self.dots)
+
+    @property
     def failed(self) -> bool:
-        return bool(self.error) or (self.hot and self.spills) or self.over_shared_limit
+        return bool(self.error) or (self.hot and (self.spills or self.duplicated)) or self.over_shared_limit
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "ERROR " + self.error
+        problems = [name for name, bad in (("SHARED>LIMIT", self.over_shared_limit), ("SPILL", self.spills),
+                                           ("DUPLICATED", self.duplicated)) if bad]
+        return " ".join(problems) or "ok"
 
 
 def _cuobjdump() -> str:
@@ -123,6 +219,7 @@ def compile_one(config: KernelConfig, arch: int) -> CompileResult:
             cubin.flush()
             usage = _resource_usage(cubin.name)
             result.mma = _matrix_instructions(cubin.name)
+        result.dots = dot_layouts(compiled.asm["ttgir"])
         result.registers, result.stack_bytes = usage["REG"], usage["STACK"]
         result.local_bytes = usage["LOCAL"]
         result.shared_bytes = max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0)))
@@ -144,20 +241,20 @@ def collect_configs(package: str = "aimv2_kernels.triton_kernels") -> list[Kerne
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = "| kernel config | arch | regs | local B | stack B | shared B | mma | hot | status |"
-    lines = [header, "|" + "---|" * 9]
+    header = "| kernel config | arch | regs | local B | stack B | shared B | mma | dots (tile, instruction, warps) | hot | status |"
+    lines = [header, "|" + "---|" * 10]
     for r in results:
-        status = "ERROR " + r.error if r.error else (
-            "SHARED>LIMIT" if r.over_shared_limit else ("SPILL" if r.spills else "ok"))
+        dots = "; ".join(d.describe() for d in r.dots) or "-"
         lines.append(
             f"| {r.label} | sm_{r.arch} | {r.registers} | {r.local_bytes} | {r.stack_bytes} | {r.shared_bytes} "
-            f"| {r.mma or '-'} | {'yes' if r.hot else 'no'} | {status} |"
+            f"| {r.mma or '-'} | {dots} | {'yes' if r.hot else 'no'} | {r.status} |"
         )
     return "\n".join(lines)
 
 
 def run(configs: list[KernelConfig], arches: list[int]) -> list[CompileResult]:
-    return [compile_one(config, arch) for config in configs for arch in arches]
+    return [compile_one(config, arch) for config in configs for arch in arches
+            if config.arches is None or arch in config.arches]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,17 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) ->
     check_head_dim("q", q.shape[-1])
 
 
+def attention_scale(causal, scale, head_dim: int) -> float:
+    """An attention op's `causal` (a bool) checked, and its `scale` (None: head_dim ** -0.5, else a
+    positive number) as a float."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    scale = head_dim ** -0.5 if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)
+
+
 def prefix_tensor(prefix_len, count: int, device: torch.device, shape_name: str, what: str) -> torch.Tensor | None:
     """A public op's prefix_len (None, an int, or an integer tensor (count,)) as None or an integer
     tensor (count,) on `device`. shape_name ("B", "n") and what (one prefix length per ...) word

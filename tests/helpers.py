@@ -79,3 +79,10 @@ def check_linear_ce(device, tokens: int, vocab: int, D: int, dtype: torch.dtype,
     assert_close(weight.grad, grads[1], tol, "dweight")
     if bias is not None:
         assert_close(bias.grad, grads[2], tol, "dbias")
+
+
+def device_memsets(prof) -> list:
+    """The memsets a torch.profiler run saw executing on the GPU. The runtime call that queued each one
+    (`cudaMemsetAsync`, a CPU-side event) is left out, so each buffer filled counts once."""
+    return [e for e in prof.events()
+            if "memset" in e.name.lower() and e.device_type == torch.autograd.DeviceType.CUDA]

@@ -81,9 +81,9 @@ def launches(monkeypatch):
 @pytest.fixture
 def fresh_autotuners():
     """Autotuners cache their choice per key: every test that looks at them starts from new ones."""
-    common._autotuner.cache_clear()
+    common.reset_autotuners()
     yield
-    common._autotuner.cache_clear()
+    common.reset_autotuners()
 
 
 @contextlib.contextmanager
@@ -235,6 +235,36 @@ def test_candidate_in_interpreter(launches, monkeypatch, kernel, config, mode):
         _run_candidate(kernel, config, 64, torch.float32, mode, S, "cpu", launches, monkeypatch)
 
 
+def _table_tiles():
+    """Every distinct tile of the 16-bit candidate tables, D = 64 and 128, sm_80 and sm_90: in the
+    interpreter warps and stages change nothing, the tile is what the range arithmetic, the masks and
+    the partial last tiles depend on."""
+    tiles = {}
+    for kernel in KERNEL_FNS:
+        for D in (64, 128):
+            for capability in common.TABLE_CAPABILITIES.values():
+                for config in common.candidate_configs(kernel, D, capability):
+                    tiles.setdefault((kernel, D, _as_tuple(config)[:2]), config)
+    return [pytest.param(kernel, D, config, id=f"{kernel}-D{D}-{bm}x{bn}") for (kernel, D, (bm, bn)), config in tiles.items()]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kernel,D,config", _table_tiles())
+def test_every_table_tile_in_interpreter(launches, monkeypatch, kernel, D, config):
+    """The GPU tables' tiles, computed in fp32 (the interpreter's bf16 dots are wrong) with the
+    per-sample prefix (plain causal, a random prefix and all keys visible in one batch)."""
+    for S in SEQ_LENS:
+        _run_candidate(kernel, config, D, torch.float32, "prefix", S, "cpu", launches, monkeypatch)
+
+
+def test_each_card_gets_its_arch_table():
+    cards = {(8, 0): 80, (8, 6): 80, (8, 9): 80, (9, 0): 90, (10, 0): 90, (12, 0): 80, (0, 0): 80}
+    assert {c: common.table_arch(c) for c in cards} == cards
+    for kernel in KERNEL_FNS:
+        hopper, ampere = (common.candidate_configs(kernel, 128, c) for c in ((9, 0), (8, 0)))
+        assert [_as_tuple(c) for c in hopper] != [_as_tuple(c) for c in ampere], kernel
+
+
 def test_gpu_case_ids_are_readable_and_unique():
     ids = [p.id for p in _gpu_cases()]
     pattern = r"(fwd|dkdv|dq)-D(64|128)-\d+x\d+-w\d+-s\d+-(bfloat16-(prefix|causal|bidirectional)|float32-prefix)"
@@ -308,3 +338,8 @@ def test_autotuner_tunes_each_mask_mode_separately(launches, through_autotuner, 
     assert {(key[1], key[2]) for key in keys} == {(True, True), (True, False), (False, False)}
     n_candidates = len(tuner.configs)
     assert len(launches["fwd"]) == 3 * (n_candidates + 1)  # each mode: benchmark every candidate, then run
+    # what a benchmark records: each mode's choice (the first candidate, which "ran fastest" here)
+    picked = common.picked_configs()
+    assert len(picked) == 3 and {row["config"] for row in picked} == {common.config_label(tuner.configs[0])}, picked
+    assert {(row["key"]["CAUSAL"], row["key"]["HAS_PREFIX"]) for row in picked} == {(True, True), (True, False), (False, False)}
+    assert all(row["kernel"] == "fwd" and row["head_dim"] == D and row["key"]["S_BUCKET"] == 128 for row in picked), picked

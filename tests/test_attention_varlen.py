@@ -315,3 +315,29 @@ def test_bad_input_is_named(kwargs, error, words):
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} missing from: {message}"
+
+
+@pytest.mark.skipif(not backend.interpreter_enabled(), reason="the GPU runs every candidate in test_attention_candidates.py")
+@pytest.mark.parametrize("impl", ["triton"], indirect=True)
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
+def test_first_candidate_of_each_arch_table(impl, device, kernel, arch):
+    """The VARLEN kernels at the config a GPU runs first (the one compile_check checks for varlen),
+    D = 128, in fp32 in the interpreter: sequences shorter than, across and longer than one tile."""
+    from aimv2_kernels.triton_kernels import attention as common
+
+    lengths = CASES["long_among_short"]
+    cu, T = _cu(lengths, device), sum(lengths)
+    q, k, v = (torch.randn(T, H, 128, device=device, requires_grad=True) for _ in range(3))
+    prefix_len = _prefix_for("edges", lengths, device)
+    config = common.candidate_configs(kernel, 128, common.TABLE_CAPABILITIES[arch])[0]
+    with common.forced_config(kernel, config):
+        out = ak.prefix_causal_attention_varlen(q, k, v, cu, max(lengths), prefix_len, causal=True)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    expected = _dense_oracle(q, k, v, cu, prefix_len, True)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-4)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout.double())
+    for name, got, want in zip("qkv", grads, expected_grads):
+        torch.testing.assert_close(got.double(), want.double(), atol=5e-5, rtol=5e-4, msg=lambda m: f"d{name}: {m}")
+    _assert_launched(impl)

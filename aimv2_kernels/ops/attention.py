@@ -13,8 +13,9 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
-from .autograd import register_autograd
+from .autograd import call, register_autograd
 from ..validation import (
+    attention_scale,
     check_prefix_values,
     check_qkv,
     prefix_tensor,
@@ -111,12 +112,16 @@ def _attention_bwd_torch(dout, q, k, v, out, lse, prefix_len, causal, scale, gra
 
 # ---- custom ops ----------------------------------------------------------------------------------
 
-@torch.library.custom_op("aimv2_kernels::prefix_causal_attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+# Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, S, D) view of (B, S, H, D) memory, lse (B, H, S) float32)."""
     if prefix_len is not None:
         check_prefix_values(prefix_len)
     return resolve("attention_fwd", q.device)[1](q, k, v, prefix_len, causal, scale)
+
+
+attention_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention", mutates_args=())(_attention)
 
 
 @attention_op.register_fake
@@ -126,10 +131,13 @@ def _(q, k, v, prefix_len, causal, scale):
     return empty_bshd_output(q), q.new_empty(B, H, S, dtype=lse_dtype)
 
 
-@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_backward", mutates_args=())
-def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                          prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return resolve("attention_bwd", q.device)[1](dout, q, k, v, out, lse, prefix_len, causal, scale)
+
+
+attention_backward_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention_backward",
+                                                mutates_args=())(_attention_backward_body)
 
 
 @attention_backward_op.register_fake
@@ -137,16 +145,19 @@ def _(dout, q, k, v, out, lse, prefix_len, causal, scale):
     return empty_grads(q, k, v)
 
 
-@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_backward_packed", mutates_args=())
-def attention_backward_packed_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 prefix_len: Optional[Tensor], causal: bool, scale: float,
-                                 grad_strides: list[int]) -> Tensor:
+def _attention_backward_packed_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                    prefix_len: Optional[Tensor], causal: bool, scale: float,
+                                    grad_strides: list[int]) -> Tensor:
     """The backward into one (B, H, S, 3, D) buffer with strides `grad_strides`; [..., i, :] is the
     gradient of (q, k, v)[i]. The layout is an argument, not read off q, k, v here, so the real and
     the fake kernel return the same strides whatever tensors torch.compile passes at run time."""
     grads = empty_packed_grads(q, grad_strides)
     resolve("attention_bwd", q.device)[1](dout, q, k, v, out, lse, prefix_len, causal, scale, grads.unbind(3))
     return grads
+
+
+attention_backward_packed_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention_backward_packed",
+                                                       mutates_args=())(_attention_backward_packed_body)
 
 
 @attention_backward_packed_op.register_fake
@@ -161,17 +172,19 @@ def _setup_attention(ctx, inputs, output):
 
 
 def _attention_backward(ctx, dout, _dlse):
+    if dout is None:  # only lse was used (gradients are not materialized: see autograd.py)
+        return None, None, None, None, None, None
     q, k, v, prefix_len, out, lse = ctx.saved_tensors
     args = (dout, q, k, v, out, lse, prefix_len, ctx.causal, ctx.scale)
     grad_strides = packed_grad_strides(q, k, v)
     if grad_strides is None:
-        dq, dk, dv = attention_backward_op(*args)
+        dq, dk, dv = call(attention_backward_op, _attention_backward_body, *args)
     else:  # views of one packed projection: the gradients as views of one buffer of that layout
-        dq, dk, dv = attention_backward_packed_op(*args, grad_strides).unbind(3)
+        dq, dk, dv = call(attention_backward_packed_op, _attention_backward_packed_body, *args, grad_strides).unbind(3)
     return dq, dk, dv, None, None, None
 
 
-register_autograd(attention_op, _attention_backward, _setup_attention)
+_attention_call = register_autograd(attention_op, _attention, _attention_backward, _setup_attention)
 
 
 # ---- functional API ------------------------------------------------------------------------------
@@ -191,10 +204,6 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix_len=None, *,
     check_qkv(q, k, v, "(B, H, S, D)")
     if q.shape[2] == 0:
         raise ValueError(f"q must have at least one position (S >= 1), got shape {tuple(q.shape)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    scale = attention_scale(causal, scale, q.shape[-1])
     prefix = _prefix_tensor(prefix_len, q.shape[0], q.device)
-    return attention_op(q, k, v, prefix if causal else None, causal, float(scale))[0]
+    return _attention_call(q, k, v, prefix if causal else None, causal, scale)[0]

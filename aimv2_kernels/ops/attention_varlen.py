@@ -20,8 +20,9 @@ from torch import Tensor
 from .. import reference as ref
 from ..backend import register, resolve
 from .attention import _attention_bwd_torch
-from .autograd import register_autograd
+from .autograd import call, register_autograd
 from ..validation import (
+    attention_scale,
     check_cu_seqlens,
     check_cu_seqlens_values,
     check_max_seqlen,
@@ -92,14 +93,19 @@ def _attention_varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
 
 # ---- custom ops ----------------------------------------------------------------------------------
 
-@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen", mutates_args=())
-def attention_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                        prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+# Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
+
+def _attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                      prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Returns (out (T, H, D), lse (H, T) float32, float64 for float64 inputs)."""
     check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     if prefix_len is not None:
         check_prefix_values(prefix_len)
     return resolve("attention_varlen_fwd", q.device)[1](q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+
+
+attention_varlen_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen",
+                                              mutates_args=())(_attention_varlen)
 
 
 @attention_varlen_op.register_fake
@@ -108,12 +114,15 @@ def _(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
     return q.new_empty(q.shape), q.new_empty(H, T, dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen_backward", mutates_args=())
-def attention_varlen_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                                 cu_seqlens: Tensor, max_seqlen: int, prefix_len: Optional[Tensor],
-                                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _attention_varlen_backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                    cu_seqlens: Tensor, max_seqlen: int, prefix_len: Optional[Tensor],
+                                    causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     impl = resolve("attention_varlen_bwd", q.device)[1]
     return impl(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+
+
+attention_varlen_backward_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen_backward",
+                                                       mutates_args=())(_attention_varlen_backward_body)
 
 
 @attention_varlen_backward_op.register_fake
@@ -128,13 +137,16 @@ def _setup_attention_varlen(ctx, inputs, output):
 
 
 def _attention_varlen_backward(ctx, dout, _dlse):
+    if dout is None:  # only lse was used (gradients are not materialized: see autograd.py)
+        return (None,) * 8
     q, k, v, cu_seqlens, prefix_len, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_varlen_backward_op(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, prefix_len,
-                                              ctx.causal, ctx.scale)
+    dq, dk, dv = call(attention_varlen_backward_op, _attention_varlen_backward_body, dout, q, k, v, out, lse,
+                      cu_seqlens, ctx.max_seqlen, prefix_len, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
 
 
-register_autograd(attention_varlen_op, _attention_varlen_backward, _setup_attention_varlen)
+_attention_varlen_call = register_autograd(attention_varlen_op, _attention_varlen, _attention_varlen_backward,
+                                           _setup_attention_varlen)
 
 
 # ---- functional API ------------------------------------------------------------------------------
@@ -158,10 +170,6 @@ def prefix_causal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: 
     check_qkv(q, k, v, "(T, H, D)")
     check_cu_seqlens(cu_seqlens, q.shape[0], q.device)
     check_max_seqlen(max_seqlen)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    scale = attention_scale(causal, scale, q.shape[-1])
     prefix = _prefix_tensor(prefix_len, cu_seqlens.shape[0] - 1, q.device)
-    return attention_varlen_op(q, k, v, cu_seqlens, max_seqlen, prefix if causal else None, causal, float(scale))[0]
+    return _attention_varlen_call(q, k, v, cu_seqlens, max_seqlen, prefix if causal else None, causal, scale)[0]

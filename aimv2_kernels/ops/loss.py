@@ -8,9 +8,9 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..backend import register, resolve
-from .autograd import register_autograd
+from .autograd import call, register_autograd
 from ..validation import INDEX_DTYPES, check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
-from .linear_ce_chunks import ce_rows_torch, linear_ce_chunked
+from .linear_ce_chunks import ce_rows_torch, linear_ce_chunked, stored_grad_dtype
 
 
 class AIMv2Loss(NamedTuple):
@@ -55,9 +55,13 @@ def linear_ce_torch(hidden, weight, labels, bias, ignore_index, grad_hidden, gra
 
 # ---- custom ops ----------------------------------------------------------------------------------
 
-@torch.library.custom_op("aimv2_kernels::patch_mse_loss", mutates_args=())
-def patch_mse_op(pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
+# Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
+
+def _patch_mse(pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
     return resolve("patch_mse_fwd", pred.device)[1](pred, target, mask, norm_pix, eps)
+
+
+patch_mse_op = torch.library.custom_op("aimv2_kernels::patch_mse_loss", mutates_args=())(_patch_mse)
 
 
 @patch_mse_op.register_fake
@@ -65,9 +69,13 @@ def _(pred, target, mask, norm_pix, eps):
     return pred.new_empty((), dtype=_cdt(pred))
 
 
-@torch.library.custom_op("aimv2_kernels::patch_mse_loss_backward", mutates_args=())
-def patch_mse_backward_op(dloss: Tensor, pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
+def _patch_mse_backward_body(dloss: Tensor, pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool,
+                             eps: float) -> Tensor:
     return resolve("patch_mse_bwd", pred.device)[1](dloss, pred, target, mask, norm_pix, eps)
+
+
+patch_mse_backward_op = torch.library.custom_op("aimv2_kernels::patch_mse_loss_backward",
+                                                mutates_args=())(_patch_mse_backward_body)
 
 
 @patch_mse_backward_op.register_fake
@@ -82,11 +90,14 @@ def _setup_patch_mse(ctx, inputs, output):
 
 
 def _patch_mse_backward(ctx, dloss):
+    if dloss is None:  # gradients are not materialized (see autograd.py): nothing flows back
+        return None, None, None, None, None
     pred, target, mask = ctx.saved_tensors
-    return patch_mse_backward_op(dloss, pred, target, mask, ctx.norm_pix, ctx.eps), None, None, None, None
+    dpred = call(patch_mse_backward_op, _patch_mse_backward_body, dloss, pred, target, mask, ctx.norm_pix, ctx.eps)
+    return dpred, None, None, None, None
 
 
-register_autograd(patch_mse_op, _patch_mse_backward, _setup_patch_mse)
+_patch_mse_call = register_autograd(patch_mse_op, _patch_mse, _patch_mse_backward, _setup_patch_mse)
 
 
 def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -99,44 +110,59 @@ def _check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
         raise ValueError(f"labels must be ignore_index ({ignore_index}) or in [0, {vocab}), got values outside")
 
 
-@torch.library.custom_op("aimv2_kernels::linear_cross_entropy", mutates_args=())
-def linear_ce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
-                 grad_hidden: bool, grad_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (mean loss, dhidden, dweight, dbias), the gradients for d loss = 1 computed in the same
-    pass (weight and bias when grad_params; empty tensors for those not asked for). Loss in float32
-    (float64 for float64 input); gradients in their parameter's dtype."""
+def _linear_ce(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
+               grad_hidden: bool, grad_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (mean loss, dhidden, dweight, dbias), the gradients of the summed loss (d loss =
+    n_counted) computed in the same pass (weight and bias when grad_params; empty tensors for those not
+    asked for); the backward applies dloss / n_counted. Loss in float32 (float64 for float64 input);
+    dhidden in hidden's dtype, dweight in stored_grad_dtype(weight.dtype), dbias in the loss's dtype."""
     _check_label_values(labels, weight.shape[0], ignore_index)
     return resolve("linear_ce", hidden.device)[1](hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)
+
+
+linear_ce_op = torch.library.custom_op("aimv2_kernels::linear_cross_entropy", mutates_args=())(_linear_ce)
 
 
 @linear_ce_op.register_fake
 def _(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params):
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden else hidden.new_empty(0)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_params else weight.new_empty(0)
-    db = torch.empty_like(bias) if grad_params and bias is not None else weight.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=stored_grad_dtype(weight.dtype)) if grad_params else weight.new_empty(0)
+    db = weight.new_empty(weight.shape[:1], dtype=_cdt(hidden)) if grad_params and bias is not None else weight.new_empty(0)
     return hidden.new_empty((), dtype=_cdt(hidden)), dh, dw, db
 
 
 def _setup_linear_ce(ctx, inputs, output):
-    _, _, _, bias, _, grad_hidden, grad_params = inputs
+    _, _, labels, bias, ignore_index, grad_hidden, grad_params = inputs
     ctx.grad_hidden, ctx.grad_params, ctx.has_bias = grad_hidden, grad_params, bias is not None
+    ctx.ignore_index = ignore_index
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.weight_dtype = inputs[1].dtype
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[1:])
+    ctx.save_for_backward(labels, *output[1:])
 
 
 def _linear_ce_backward(ctx, dloss, *_):
-    """The gradients were computed in the forward pass for d loss = 1: scale them by d loss. They are
-    constants to autograd, so a second derivative would be silently wrong: refuse it instead."""
-    dh, dw, db = ctx.saved_tensors
+    """The gradients of the summed loss were computed in the forward pass: scale them by dloss /
+    n_counted (the one place that factor is applied, see linear_ce_chunks). Into new tensors, not in
+    place: a backward may run more than once on one graph (retain_graph, gradcheck, opcheck), and each
+    must see the stored gradients unscaled. They are constants to autograd, so a second derivative
+    would be silently wrong: refuse it instead. The side outputs' gradients (*_) are None: no (T, D), (V, D) and (V,) zero
+    tensors are made for them. On CUDA a 16-bit gradient is multiplied by the factor rounded to its
+    dtype (as `grad * dloss` always was); the factor is at least 2^-14 unless dloss / n_counted is."""
+    if dloss is None:
+        return None, None, None, None, None, None, None
+    labels, dh, dw, db = ctx.saved_tensors
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise NotImplementedError("linear_cross_entropy does not support double backward (create_graph=True)")
-    dhidden = dh * dloss if ctx.grad_hidden else None
-    dweight = dw * dloss if ctx.grad_params else None
-    dbias = db * dloss if ctx.grad_params and ctx.has_bias else None
+    factor = dloss / (labels != ctx.ignore_index).sum().clamp_min(1).to(dloss.dtype)
+    dhidden = dh * factor if ctx.grad_hidden else None
+    # dW: scaled in its stored dtype (float32 for fp16 weights), then cast once if that differs.
+    dweight = (dw * factor).to(ctx.weight_dtype) if ctx.grad_params else None
+    dbias = (db * factor).to(ctx.bias_dtype) if ctx.grad_params and ctx.has_bias else None
     return dhidden, dweight, None, dbias, None, None, None
 
 
-register_autograd(linear_ce_op, _linear_ce_backward, _setup_linear_ce)
+_linear_ce_call = register_autograd(linear_ce_op, _linear_ce, _linear_ce_backward, _setup_linear_ce)
 
 
 # ---- functional API ------------------------------------------------------------------------------
@@ -161,7 +187,7 @@ def patch_mse_loss(pred: Tensor, target: Tensor, mask: Optional[Tensor] = None, 
     Gradient flows to pred only. Returns a float32 scalar (0 when nothing is counted).
     """
     eps = _check_patch_inputs(pred, target, mask, eps)
-    return patch_mse_op(pred, target.detach(), mask, bool(norm_pix), eps)
+    return _patch_mse_call(pred, target.detach(), mask, bool(norm_pix), eps)
 
 
 def _check_ce_inputs(hidden, weight, labels, bias, ignore_index) -> None:
@@ -189,7 +215,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias
     grad = torch.is_grad_enabled()
     grad_hidden = grad and hidden.requires_grad
     grad_params = grad and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    return linear_ce_op(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)[0]
+    return _linear_ce_call(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)[0]
 
 
 def aimv2_loss(pixel_pred: Tensor, patches: Tensor, patch_mask: Optional[Tensor], text_hidden: Tensor, text_weight: Tensor,

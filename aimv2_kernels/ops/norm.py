@@ -6,19 +6,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference as ref
 from ..backend import register, resolve
-from .autograd import register_autograd
-from ..validation import check_positive_float, check_same_device, check_shape, check_tensor
+from .autograd import call, register_autograd
+from ..validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_shape, check_tensor
 
 # ---- "torch" backend: reference forward, analytic backward ----------------------------------------
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; skips the call when it already is (a tiny call pays for every op)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @register("rms_norm_fwd", "torch")
 def _rms_norm_fwd_torch(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """Returns y (like x) and rstd = 1/sqrt(mean(x^2) + eps) of shape x.shape[:-1] in float32/64."""
+    """Returns y (like x) and rstd = 1/sqrt(mean(x^2) + eps) of shape x.shape[:-1] in float32/64:
+    reference.rms_norm's math with rstd computed once and kept."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rstd = torch.rsqrt(x.to(cdt).pow(2).mean(dim=-1) + eps)
-    return ref.rms_norm(x, weight, eps).contiguous(), rstd
+    xf = _as(x, cdt)
+    rstd = xf.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
+    y = xf * rstd
+    if weight is not None:
+        y = y.mul_(_as(weight, cdt))
+    return _as(y, x.dtype).contiguous(), rstd.squeeze(-1)
 
 
 @register("rms_norm_bwd", "torch")
@@ -26,21 +35,24 @@ def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
                         dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat."""
     cdt = rstd.dtype
-    xf, dyf, r = x.to(cdt), dy.to(cdt), rstd.unsqueeze(-1).to(cdt)
+    xf, dyf, r = _as(x, cdt), _as(dy, cdt), rstd.unsqueeze(-1)
     x_hat = xf * r
-    g = dyf * weight.to(cdt) if weight is not None else dyf
-    dx = r * (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True))
+    g = dyf * _as(weight, cdt) if weight is not None else dyf
+    dx = (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)).mul_(r)
     if dresidual is not None:
-        dx = dx + dresidual.to(cdt)
-    dw = (dyf * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
-    return dx.to(x.dtype).contiguous(), dw
+        dx = dx.add_(dresidual)  # in the compute dtype: dresidual is at most as wide
+    dw = _as((dyf * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype) if weight is not None else x.new_empty(0)
+    return _as(dx, x.dtype).contiguous(), dw
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
+# Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
 
-@torch.library.custom_op("aimv2_kernels::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+def _rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
     return resolve("rms_norm_fwd", x.device)[1](x, weight, eps)
+
+
+rms_norm_op = torch.library.custom_op("aimv2_kernels::rms_norm", mutates_args=())(_rms_norm)
 
 
 @rms_norm_op.register_fake
@@ -49,11 +61,12 @@ def _(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=cdt)
 
 
-@torch.library.custom_op("aimv2_kernels::rms_norm_residual", mutates_args=())
-def rms_norm_residual_op(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (normalized x + residual in x's dtype, x + residual in residual's dtype, rstd)."""
-    kernel = resolve("rms_norm_residual_fwd", x.device)[1]
-    return kernel(x, residual, weight, eps)
+    return resolve("rms_norm_residual_fwd", x.device)[1](x, residual, weight, eps)
+
+
+rms_norm_residual_op = torch.library.custom_op("aimv2_kernels::rms_norm_residual", mutates_args=())(_rms_norm_residual)
 
 
 @rms_norm_residual_op.register_fake
@@ -69,16 +82,18 @@ def _(x, residual, weight, eps):
 def _rms_norm_residual_fwd_torch(x, residual, weight, eps):
     """x (the update) plus residual (the stream, x's dtype or a wider float32) in the residual's dtype,
     then normalized; returns (y in x's dtype, stream, rstd), all contiguous."""
-    stream = (residual + x).to(residual.dtype).contiguous()  # a bf16 + fp32 add runs in fp32
+    stream = _as(residual + x, residual.dtype).contiguous()  # a bf16 + fp32 add runs in fp32
     y, rstd = _rms_norm_fwd_torch(stream, weight, eps)
-    return y.to(x.dtype), stream, rstd
+    return _as(y, x.dtype), stream, rstd
 
 
-@torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())
-def rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                         dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                       dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None)."""
     return resolve("rms_norm_bwd", x.device)[1](dy, x, weight, rstd, dresidual)
+
+
+rms_norm_backward_op = torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())(_rms_norm_backward)
 
 
 @rms_norm_backward_op.register_fake
@@ -93,8 +108,10 @@ def _setup_norm(ctx, inputs, output):
 
 
 def _norm_backward(ctx, dy, _drstd):
+    if dy is None:  # only rstd was used (gradients are not materialized: see autograd.py)
+        return None, None, None
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_backward_op(dy, x, weight, rstd, None)
+    dx, dw = call(rms_norm_backward_op, _rms_norm_backward, dy, x, weight, rstd, None)
     return dx, (dw if weight is not None else None), None
 
 
@@ -106,17 +123,31 @@ def _setup_norm_residual(ctx, inputs, output):
 
 def _norm_residual_backward(ctx, dy, dstream, _drstd):
     """x and residual get the same gradient (both are added into the stream): computed once in the
-    stream's dtype for the residual, and rounded to x's dtype for x (no copy when they agree)."""
+    stream's dtype for the residual, and rounded to x's dtype for x (no copy when they agree).
+    dy or dstream is None when that output was not used (no zero tensor is made for it)."""
+    if dy is None:  # y unused: the stream's gradient passes straight to both inputs
+        if dstream is None:
+            return None, None, None, None
+        return _as(dstream, ctx.update_dtype), dstream, None, None
     stream, weight, rstd = ctx.saved_tensors
-    dresidual, dw = rms_norm_backward_op(dy, stream, weight, rstd, dstream)
-    return dresidual.to(ctx.update_dtype), dresidual, (dw if weight is not None else None), None
+    dresidual, dw = call(rms_norm_backward_op, _rms_norm_backward, dy, stream, weight, rstd, dstream)
+    return _as(dresidual, ctx.update_dtype), dresidual, (dw if weight is not None else None), None
 
 
-register_autograd(rms_norm_op, _norm_backward, _setup_norm)
-register_autograd(rms_norm_residual_op, _norm_residual_backward, _setup_norm_residual)
+_rms_norm_call = register_autograd(rms_norm_op, _rms_norm, _norm_backward, _setup_norm)
+_rms_norm_residual_call = register_autograd(rms_norm_residual_op, _rms_norm_residual, _norm_residual_backward,
+                                            _setup_norm_residual)
 
 
 # ---- functional API ------------------------------------------------------------------------------
+
+def _norm_inputs_ok(x, weight, eps) -> bool:
+    """The common case in one expression (this runs on every call); anything else goes through
+    `_check_norm_inputs`, which raises the error that names the problem."""
+    return (isinstance(x, Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and type(eps) is float and eps > 0
+            and (weight is None or (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
+                                    and weight.shape[0] == x.shape[-1] and weight.device == x.device)))
+
 
 def _check_norm_inputs(x: Tensor, weight: Optional[Tensor], eps) -> float:
     check_tensor("x", x, min_ndim=1)
@@ -133,8 +164,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-5) -> T
     Computed in float32 and returned in x's dtype; weight may have another float dtype (an fp32
     parameter under bf16 autocast) and its gradient comes back in weight's dtype.
     """
-    eps = _check_norm_inputs(x, weight, eps)
-    return rms_norm_op(x, weight, eps)[0]
+    if not _norm_inputs_ok(x, weight, eps):
+        eps = _check_norm_inputs(x, weight, eps)
+    return _rms_norm_call(x, weight, eps)[0]
 
 
 _STREAM_WIDER_THAN = (torch.float16, torch.bfloat16)  # updates that may go into a float32 stream
@@ -158,10 +190,13 @@ def rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor] = No
     is done in float32, the stream comes back in the residual's dtype and y in x's dtype. Gradients
     come back in the dtype of their input (dx, dresidual, dweight).
     """
-    eps = _check_norm_inputs(x, weight, eps)
-    check_tensor("residual", residual)
-    check_shape("residual", residual, tuple(x.shape), "the shape of x")
-    check_same_device("x", x, residual=residual)
-    _check_stream_dtype(x, residual)
-    y, stream, _ = rms_norm_residual_op(x, residual, weight, eps)
+    if not (_norm_inputs_ok(x, weight, eps) and isinstance(residual, Tensor) and residual.shape == x.shape
+            and residual.device == x.device
+            and (residual.dtype == x.dtype or (residual.dtype == torch.float32 and x.dtype in _STREAM_WIDER_THAN))):
+        eps = _check_norm_inputs(x, weight, eps)
+        check_tensor("residual", residual)
+        check_shape("residual", residual, tuple(x.shape), "the shape of x")
+        check_same_device("x", x, residual=residual)
+        _check_stream_dtype(x, residual)
+    y, stream, _ = _rms_norm_residual_call(x, residual, weight, eps)
     return y, stream

@@ -2,29 +2,42 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference as ref
 from ..backend import register, resolve
-from .autograd import register_autograd
-from ..validation import check_same_device, check_same_dtype, check_shape, check_tensor
+from .autograd import call, register_autograd
+from ..validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
 
 
 # ---- "torch" backend -----------------------------------------------------------------------------
 
+_WIDE = (torch.float32, torch.float64)  # computed in their own dtype; others in float32
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; skips the call when it already is (a tiny call pays for every op)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _swiglu_grads(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """d/dgate silu(g) * u = u * sig(g) * (1 + g * (1 - sig(g))); d/dup = silu(g). In float32/64."""
+    """d/dgate silu(g) * u = u * sig(g) * (1 + g * (1 - sig(g))), which is aten's silu_backward of
+    dout * u; d/dup = silu(g). In float32/64, returned in the inputs' dtypes."""
     cdt = torch.float64 if gate.dtype == torch.float64 else torch.float32
-    g, u, d = gate.to(cdt), up.to(cdt), dout.to(cdt)
-    sig = torch.sigmoid(g)
-    dgate = d * u * sig * (1 + g * (1 - sig))
-    dup = d * g * sig
-    return dgate.to(gate.dtype), dup.to(up.dtype)
+    if gate.dtype == cdt and up.dtype == cdt and dout.dtype == cdt:  # no casts to pay for
+        return torch.ops.aten.silu_backward(dout * up, gate), dout * F.silu(gate)
+    g, u, d = _as(gate, cdt), _as(up, cdt), _as(dout, cdt)
+    dgate = torch.ops.aten.silu_backward(d * u, g)
+    dup = d * F.silu(g)
+    return _as(dgate, gate.dtype), _as(dup, up.dtype)
 
 
 @register("swiglu_fwd", "torch")
 def _swiglu_fwd_torch(gate: Tensor, up: Tensor) -> Tensor:
-    return ref.swiglu(gate, up).contiguous()
+    """reference.swiglu's math: silu(gate) * up in float32/64."""
+    if gate.dtype in _WIDE and up.dtype == gate.dtype:
+        return F.silu(gate).mul_(up).contiguous()
+    return _as(F.silu(_as(gate, torch.float32)).mul_(_as(up, torch.float32)), gate.dtype).contiguous()
 
 
 @register("swiglu_bwd", "torch")
@@ -35,7 +48,7 @@ def _swiglu_bwd_torch(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, T
 
 @register("swiglu_packed_fwd", "torch")
 def _swiglu_packed_fwd_torch(x: Tensor) -> Tensor:
-    return ref.swiglu_packed(x).contiguous()
+    return _swiglu_fwd_torch(*x.chunk(2, dim=-1))
 
 
 @register("swiglu_packed_bwd", "torch")
@@ -45,10 +58,13 @@ def _swiglu_packed_bwd_torch(dout: Tensor, x: Tensor) -> Tensor:
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
+# Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
 
-@torch.library.custom_op("aimv2_kernels::swiglu", mutates_args=())
-def swiglu_op(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return resolve("swiglu_fwd", gate.device)[1](gate, up)
+
+
+swiglu_op = torch.library.custom_op("aimv2_kernels::swiglu", mutates_args=())(_swiglu)
 
 
 @swiglu_op.register_fake
@@ -56,9 +72,11 @@ def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("aimv2_kernels::swiglu_backward", mutates_args=())
-def swiglu_backward_op(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def _swiglu_backward_body(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return resolve("swiglu_bwd", gate.device)[1](dout, gate, up)
+
+
+swiglu_backward_op = torch.library.custom_op("aimv2_kernels::swiglu_backward", mutates_args=())(_swiglu_backward_body)
 
 
 @swiglu_backward_op.register_fake
@@ -66,9 +84,11 @@ def _(dout, gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format), torch.empty_like(up, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("aimv2_kernels::swiglu_packed", mutates_args=())
-def swiglu_packed_op(x: Tensor) -> Tensor:
+def _swiglu_packed(x: Tensor) -> Tensor:
     return resolve("swiglu_packed_fwd", x.device)[1](x)
+
+
+swiglu_packed_op = torch.library.custom_op("aimv2_kernels::swiglu_packed", mutates_args=())(_swiglu_packed)
 
 
 @swiglu_packed_op.register_fake
@@ -76,9 +96,12 @@ def _(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("aimv2_kernels::swiglu_packed_backward", mutates_args=())
-def swiglu_packed_backward_op(dout: Tensor, x: Tensor) -> Tensor:
+def _swiglu_packed_backward_body(dout: Tensor, x: Tensor) -> Tensor:
     return resolve("swiglu_packed_bwd", x.device)[1](dout, x)
+
+
+swiglu_packed_backward_op = torch.library.custom_op("aimv2_kernels::swiglu_packed_backward",
+                                                    mutates_args=())(_swiglu_packed_backward_body)
 
 
 @swiglu_packed_backward_op.register_fake
@@ -91,29 +114,39 @@ def _setup_swiglu(ctx, inputs, output):
 
 
 def _swiglu_backward(ctx, dout):
+    if dout is None:  # gradients are not materialized (see autograd.py): nothing flows back
+        return None, None
     gate, up = ctx.saved_tensors
-    return swiglu_backward_op(dout, gate, up)
+    return call(swiglu_backward_op, _swiglu_backward_body, dout, gate, up)
 
 
 def _swiglu_packed_backward(ctx, dout):
+    if dout is None:
+        return None
     (x,) = ctx.saved_tensors
-    return swiglu_packed_backward_op(dout, x)
+    return call(swiglu_packed_backward_op, _swiglu_packed_backward_body, dout, x)
 
 
-register_autograd(swiglu_op, _swiglu_backward, _setup_swiglu)
-register_autograd(swiglu_packed_op, _swiglu_packed_backward, _setup_swiglu)
+_swiglu_call = register_autograd(swiglu_op, _swiglu, _swiglu_backward, _setup_swiglu)
+_swiglu_packed_call = register_autograd(swiglu_packed_op, _swiglu_packed, _swiglu_packed_backward, _setup_swiglu)
 
 
 # ---- functional API ------------------------------------------------------------------------------
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up; gate and up of the same shape, dtype and device."""
+    if not (isinstance(gate, Tensor) and isinstance(up, Tensor) and gate.shape == up.shape and gate.dim() >= 1
+            and gate.dtype == up.dtype and gate.dtype in FLOAT_DTYPES and gate.device == up.device):
+        _check_swiglu_inputs(gate, up)  # something is off: raises the error that names it
+    return _swiglu_call(gate, up)
+
+
+def _check_swiglu_inputs(gate, up) -> None:
     check_tensor("gate", gate, min_ndim=1)
     check_tensor("up", up, min_ndim=1)
     check_shape("up", up, tuple(gate.shape), "the shape of gate")
     check_same_device("gate", gate, up=up)
     check_same_dtype("gate", gate, up=up)
-    return swiglu_op(gate, up)
 
 
 def swiglu_packed(x: Tensor) -> Tensor:
@@ -121,4 +154,4 @@ def swiglu_packed(x: Tensor) -> Tensor:
     check_tensor("x", x, min_ndim=1)
     if x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dim (gate and up halves), got shape {tuple(x.shape)}")
-    return swiglu_packed_op(x)
+    return _swiglu_packed_call(x)

@@ -172,35 +172,67 @@ def tile_work(S: int, prefix: int, block_m: int, block_n: int) -> tuple[int, int
 
 # ---- launch configurations -----------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for GPUs with >= 160 KB of shared
-# memory per block (sm_80, sm_90); the autotuner picks one per (head dim, S bucket, mask mode, dot
-# precision, dtype), see AUTOTUNE_KEY. The first entry is what AIMV2_KERNELS_AUTOTUNE=0 runs, so it
-# must launch in every dtype (tests/test_attention_candidates.py checks bf16 and fp32). BLOCK_M
-# tiles queries, BLOCK_N keys. Chosen from compile-check sweeps: every entry for D = 64 and 128
-# compiles for sm_80 and sm_90 without spills (larger tiles such as 128 x 128 forward at D = 128, or
-# dK/dV with 4 warps and 128-key tiles, spill on sm_80). dK/dV keeps two (BLOCK_N, D) fp32
-# accumulators plus K and V, so it wants 8 warps; dQ keeps one. A head dim without its own entry uses
-# the next larger one (D = 16 uses D = 32's forward set and the D = 64 backward sets).
-# GPUs with less shared memory get num_stages capped at 2 (a config that still does not fit is
-# dropped by the autotuner).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per architecture, kernel and head dim, best first: the
+# first entry is what AIMV2_KERNELS_AUTOTUNE=0 runs, so it must launch in every dtype
+# (tests/test_attention_candidates.py checks bf16 and fp32); the autotuner picks one per (head dim,
+# S bucket, mask mode, dot precision, dtype), see AUTOTUNE_KEY. BLOCK_M tiles queries, BLOCK_N keys.
+#
+# No candidate for D <= 128 makes two warpgroups compute the same rows or columns (D = 256: D256_NOTE). The dots are chained (scores
+# feed P @ V, and dP^T feeds dK), and Triton lays a chained dot's warps along its rows: on sm_90 four
+# warps make one 64-row wgmma, so 8 warps need 128 rows. The rows are queries in the forward and dQ
+# (BLOCK_M), keys in dK/dV (BLOCK_N, its dots being K Q^T and V dO^T). compile_check reads each
+# compiled dot's layout and fails a hot config that repeats rows or columns; the candidates of D = 64
+# and 128 also compile without spills for their arch. Hence on sm_90: the forward at 128 x 128 with
+# 8 warps or 64 x 64 with 4 (two programs per SM); dK/dV with 128 keys under 8 warps (or 64 keys
+# under 4 at D = 64: at D = 128 that spills); dQ at 128 queries with 8 warps. sm_80's mma.sync lays its warps out differently (8 warps
+# on a 64 x 32 score tile still repeat columns) and keeps operands in registers, which limits tiles.
+#
+# dK/dV keeps two (BLOCK_N, D) fp32 accumulators, dQ one. A head dim without its own entry uses the
+# next larger one (D = 16 uses D = 32's forward set and the D = 64 backward sets). GPUs with less
+# shared memory than sm_80/sm_90 get num_stages capped at 2 (a config that still does not fit is
+# dropped by the autotuner). See table_arch for which cards take which set.
 _CANDIDATES = {
-    "fwd": {
-        32: [(64, 64, 4, 3), (128, 64, 4, 3)],
-        64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
-        256: [(64, 32, 8, 2)],
+    90: {
+        "fwd": {
+            32: [(128, 64, 4, 3), (64, 64, 4, 3)],
+            64: [(128, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 128, 8, 2), (64, 64, 4, 3)],
+            256: [(64, 32, 8, 2)],  # see D256_NOTE
+        },
+        "dkdv": {
+            64: [(64, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(32, 128, 8, 3), (32, 128, 8, 2)],  # 64 keys with 4 warps spill here
+            256: [(32, 32, 8, 2)],
+        },
+        "dq": {
+            64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 2), (128, 32, 8, 3)],
+            256: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        },
     },
-    "dkdv": {
-        64: [(32, 128, 8, 3), (32, 64, 8, 3), (16, 64, 4, 3)],
-        128: [(32, 64, 8, 3), (64, 64, 8, 3)],
-        256: [(32, 32, 8, 2)],
-    },
-    "dq": {
-        64: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
-        256: [(32, 32, 4, 2), (64, 32, 8, 2)],
+    80: {
+        "fwd": {
+            32: [(64, 64, 4, 3), (128, 64, 4, 3)],
+            64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 64, 8, 2), (64, 32, 4, 3)],
+            256: [(64, 32, 8, 2)],  # see D256_NOTE
+        },
+        "dkdv": {
+            64: [(32, 128, 8, 3), (32, 64, 4, 3)],
+            128: [(32, 64, 4, 3), (32, 64, 4, 2)],
+            256: [(32, 32, 8, 2)],
+        },
+        "dq": {
+            64: [(128, 32, 8, 3), (64, 64, 4, 3)],
+            128: [(128, 32, 8, 2), (64, 32, 4, 3)],
+            256: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        },
     },
 }
+# D256_NOTE: D = 256 (no AIMv2 size, not hot in compile_check) keeps tiles whose layouts repeat rows
+# (8 warps on 32 or 64 rows) but compile without spills; the non-repeating 4-warp tiles tried (forward
+# 64 x 32, dK/dV 32 x 64, dQ 64 x 32) spilled on both arches, dK/dV by up to 5.8 KB of stack on sm_80.
+KERNELS = ("fwd", "dkdv", "dq")
 # float32 inputs take twice the shared memory per tile: their own, smaller sets. Every first entry
 # fits the 163 KiB per block of sm_80 (compile_check fails a first candidate that does not); shared
 # bytes on sm_80 at D = 64 / 128 / 256: fwd 41 / 74 / 103 KiB, dK/dV 37 / 70 / 100, dQ 37 / 70 / 135.
@@ -228,13 +260,25 @@ _INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4,
 PREPROCESS_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) kernel
 
 
+def table_arch(capability: tuple[int, int]) -> int:
+    """Which candidate table serves a device: 90 for Hopper and the data-center Blackwells (sm_100:
+    as much shared memory), else 80: Ampere, Ada, and the consumer Blackwells (sm_12x: mma.sync and
+    about 100 KB of shared memory, where sm_90's 160 KB forward tile would not launch); also the
+    CPU's (0, 0), whose launches never reach the autotuner."""
+    return 90 if capability[0] in (9, 10) else 80
+
+
+# compile_check's architectures and the device capability whose table each one checks
+TABLE_CAPABILITIES = {80: (8, 0), 90: (9, 0)}
+
+
 def candidate_configs(kernel: str, head_dim: int, capability: tuple[int, int] = (9, 0),
                       element_size: int = 2) -> list[triton.Config]:
     """The autotuning set of `kernel` ("fwd", "dkdv", "dq") for a head dim, a device capability and
     the inputs' element size (2: fp16/bf16, 4: fp32)."""
     big_smem = capability in ((8, 0), (9, 0), (10, 0))
     configs = []
-    table = (_CANDIDATES_FP32 if element_size == 4 else _CANDIDATES)[kernel]
+    table = _CANDIDATES_FP32[kernel] if element_size == 4 else _CANDIDATES[table_arch(capability)][kernel]
     for block_m, block_n, warps, stages in table[min(d for d in table if d >= head_dim)]:
         stages = stages if big_smem else min(stages, 2)
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
@@ -249,11 +293,12 @@ def aligned_args(signature: dict[str, str]) -> tuple[str, ...]:
 
 def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int, case: str, has_prefix: bool,
                   config: triton.Config, hot: bool, long_rows: bool = False, dtype: str = "bf16",
-                  varlen: bool = False) -> KernelConfig:
+                  varlen: bool = False, arch: int | None = None) -> KernelConfig:
     """A compile-check entry for one of the tiled kernels (causal) at one autotuning config; the
     signature's pointers must be of `dtype` ("bf16", or "fp32" with exact dots); long_rows: int64
     row offsets (S x stride past 2^31), AIMv2 sizes use int32; varlen: the packed-sequence variant
-    (the signature must then type CU_SEQLENS and T)."""
+    (the signature must then type CU_SEQLENS and T); arch: the one SM version whose candidate table
+    the config comes from (None: compiled for every arch checked)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows, VARLEN=varlen)
@@ -263,7 +308,7 @@ def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int
         constexprs.update(CU_SEQLENS=None, T=None)
     label = f"{name} D={head_dim} {dtype} {case} {bm}x{bn} w{config.num_warps} s{config.num_stages}"
     return KernelConfig(label, kernel_fn, signature, constexprs, config.num_warps, config.num_stages,
-                        hot=hot, divisible_by_16=aligned_args(signature))
+                        hot=hot, divisible_by_16=aligned_args(signature), arches=None if arch is None else (arch,))
 
 
 FP32_HEAD_DIMS = (32, 64, 128, 256)  # fp32 compile-check entries: the first candidate must fit
@@ -306,10 +351,45 @@ def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int]
     return _autotuner(kernel_fn, kernel, head_dim, capability, element_size, autotune_enabled())
 
 
+# (kernel, head dim, capability, element size, tuning switch) -> its triton Autotuner, for picked_configs
+_tuners: dict[tuple, triton.runtime.Autotuner] = {}
+
+
 @functools.cache
 def _autotuner(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], element_size: int, tune: bool):
     configs = candidate_configs(kernel, head_dim, capability, element_size)
-    return triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY)(kernel_fn)
+    tuner = triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY)(kernel_fn)
+    _tuners[(kernel, head_dim, capability, element_size, tune)] = tuner
+    return tuner
+
+
+def reset_autotuners() -> None:
+    """Forget every autotuner and its choices (tests start from new ones)."""
+    _autotuner.cache_clear()
+    _tuners.clear()
+
+
+def config_label(config: triton.Config) -> str:
+    """e.g. "128x128 w8 s2": BLOCK_M x BLOCK_N, warps, stages."""
+    return f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+
+
+def picked_configs() -> list[dict]:
+    """What the autotuners of this process chose so far, for benchmarks to record next to their
+    timings: one entry per kernel, head dim, device capability, element size and tuning key (the
+    AUTOTUNE_KEY values, then the dtypes Triton appends). With AIMV2_KERNELS_AUTOTUNE=0 nothing is
+    tuned: the entry has key None and the first candidate."""
+    rows = []
+    for (kernel, head_dim, capability, element_size, tune), tuner in _tuners.items():
+        base = dict(kernel=kernel, head_dim=head_dim, capability=capability, element_size=element_size)
+        if not tune:
+            rows.append({**base, "key": None, "config": config_label(tuner.configs[0])})
+            continue
+        for key, config in tuner.cache.items():
+            named = dict(zip(AUTOTUNE_KEY, key))
+            named["dtypes"] = tuple(str(k) for k in key[len(AUTOTUNE_KEY):])
+            rows.append({**base, "key": named, "config": config_label(config)})
+    return rows
 
 
 # kernel name -> the config every launch of it must use; set only by `forced_config` (tests, one
@@ -322,8 +402,8 @@ def forced_config(kernel: str, config: triton.Config) -> Iterator[None]:
     """Inside the block every launch of `kernel` ("fwd", "dkdv", "dq") uses exactly `config`, launched
     directly: no autotuner, and on the CPU instead of the interpreter config. This is how the tests
     run each candidate on its own, which autotuning alone never does (it runs only the fastest)."""
-    if kernel not in _CANDIDATES:
-        raise ValueError(f"kernel must be one of {tuple(_CANDIDATES)}, got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     previous = _forced.get(kernel)
     _forced[kernel] = config
     try:

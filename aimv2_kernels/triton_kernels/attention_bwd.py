@@ -23,6 +23,8 @@ from ..ops import attention as attention_ops
 from .attention import (
     FP32_HEAD_DIMS,
     AIMV2_CASES,
+    KERNEL_HEAD_DIMS,
+    TABLE_CAPABILITIES,
     aligned_args,
     LOG2E,
     LOG2E_DEVICE,
@@ -280,7 +282,8 @@ def _signature(kernel: str, dtype: str, has_prefix: bool, varlen: bool = False) 
 
 
 def compile_configs() -> list[KernelConfig]:
-    """Every candidate the autotuner may pick on sm_80/sm_90 at AIMv2 sizes (hot), the first
+    """Every candidate the autotuner may pick at AIMv2 sizes, each compiled for the arch whose table
+    holds it (hot), the first
     candidate of the other supported head dims and of int64 row offsets (must compile; spills
     tolerated), and the preprocess."""
     sig = _signature("preprocess", "*bf16", False)
@@ -292,15 +295,17 @@ def compile_configs() -> list[KernelConfig]:
         for d, long_rows in ((128, False), (64, False), (128, True))
     ]
 
-    def entry(kernel, fn, d, case, has_prefix, config, hot, long_rows=False):
+    def entry(kernel, fn, d, case, has_prefix, config, hot, arch, long_rows=False):
         return kernel_config(f"attention_bwd_{kernel}", fn, _signature(kernel, "*bf16", has_prefix), d, case, has_prefix,
-                             config, hot, long_rows)
+                             config, hot, long_rows, arch=arch)
 
     for kernel, fn in (("dkdv", attention_bwd_dkdv_kernel), ("dq", attention_bwd_dq_kernel)):
-        configs += [entry(kernel, fn, d, case, has_prefix, c, True)
-                    for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs(kernel, d)]
-        configs += [entry(kernel, fn, d, "prefix", True, candidate_configs(kernel, d)[0], False) for d in (16, 32, 256)]
-        configs.append(entry(kernel, fn, 128, "prefix long rows", True, candidate_configs(kernel, 128)[0], False, long_rows=True))
+        for arch, capability in TABLE_CAPABILITIES.items():
+            first = {d: candidate_configs(kernel, d, capability)[0] for d in KERNEL_HEAD_DIMS}
+            configs += [entry(kernel, fn, d, case, has_prefix, c, True, arch)
+                        for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs(kernel, d, capability)]
+            configs += [entry(kernel, fn, d, "prefix", True, first[d], False, arch) for d in (16, 32, 256)]
+            configs.append(entry(kernel, fn, 128, "prefix long rows", True, first[128], False, arch, long_rows=True))
         configs += [kernel_config(f"attention_bwd_{kernel}", fn, _signature(kernel, "*fp32", True), d, "prefix", True,
                                   candidate_configs(kernel, d, element_size=4)[0], False, dtype="fp32")
                     for d in FP32_HEAD_DIMS]

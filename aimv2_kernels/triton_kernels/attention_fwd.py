@@ -18,6 +18,8 @@ from ..ops import attention as attention_ops
 from .attention import (
     FP32_HEAD_DIMS,
     AIMV2_CASES,
+    KERNEL_HEAD_DIMS,
+    TABLE_CAPABILITIES,
     LN2,
     LOG2E,
     candidate_configs,
@@ -160,15 +162,20 @@ def _signature(dtype: str, has_prefix: bool, varlen: bool = False) -> dict[str, 
 
 
 def compile_configs() -> list[KernelConfig]:
-    """Every candidate the autotuner may pick on sm_80/sm_90 at AIMv2 sizes (hot), and the first
-    candidate of the other supported head dims and of int64 row offsets (must compile; spills
-    tolerated)."""
-    def entry(d, case, has_prefix, config, hot, long_rows=False):
+    """Every candidate the autotuner may pick at AIMv2 sizes, each compiled for the arch whose table
+    holds it (hot), and the first candidate of the other supported head dims and of int64 row offsets
+    (must compile; spills tolerated)."""
+    def entry(d, case, has_prefix, config, hot, arch, long_rows=False):
         return kernel_config("attention_fwd", attention_fwd_kernel, _signature("*bf16", has_prefix), d, case, has_prefix,
-                             config, hot, long_rows)
+                             config, hot, long_rows, arch=arch)
 
-    configs = [entry(d, case, has_prefix, c, True) for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs("fwd", d)]
-    configs += [entry(d, "prefix", True, candidate_configs("fwd", d)[0], False) for d in (16, 32, 256)]
+    configs = []
+    for arch, capability in TABLE_CAPABILITIES.items():
+        first = {d: candidate_configs("fwd", d, capability)[0] for d in KERNEL_HEAD_DIMS}
+        configs += [entry(d, case, has_prefix, c, True, arch)
+                    for d in (128, 64) for case, has_prefix in AIMV2_CASES for c in candidate_configs("fwd", d, capability)]
+        configs += [entry(d, "prefix", True, first[d], False, arch) for d in (16, 32, 256)]
+        configs.append(entry(128, "prefix long rows", True, first[128], False, arch, long_rows=True))
     configs += [kernel_config("attention_fwd", attention_fwd_kernel, _signature("*fp32", True), d, "prefix", True,
                               candidate_configs("fwd", d, element_size=4)[0], False, dtype="fp32") for d in FP32_HEAD_DIMS]
-    return configs + [entry(128, "prefix long rows", True, candidate_configs("fwd", 128)[0], False, long_rows=True)]
+    return configs

@@ -31,6 +31,7 @@ from .attention import (
     MAX_BLOCK_ROWS,
     PREPROCESS_BLOCK_M,
     AIMV2_CASES,
+    TABLE_CAPABILITIES,
     candidate_configs,
     dot_precision,
     kernel_config,
@@ -138,14 +139,16 @@ def _attention_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen
 # ---- compile check -------------------------------------------------------------------------------
 
 def compile_configs() -> list[KernelConfig]:
-    """The VARLEN variants at the first candidate of each kernel, bf16, D = 128 (the AIMv2 head dim;
-    packed native-resolution encoders with a per-image prefix, decoders plain causal): hot, so a
-    spill fails the check. The preprocess is the padded kernel, checked with it."""
+    """The VARLEN variants at the first candidate of each kernel for each arch's table, bf16, D = 128
+    (the AIMv2 head dim; packed native-resolution encoders with a per-image prefix, decoders plain
+    causal): hot, so a spill or duplicated dot work fails the check. The preprocess is the padded
+    kernel, checked with it."""
     kernels = (("fwd", attention_fwd.attention_fwd_kernel, lambda p: attention_fwd._signature("*bf16", p, varlen=True)),
                ("dkdv", attention_bwd.attention_bwd_dkdv_kernel,
                 lambda p: attention_bwd._signature("dkdv", "*bf16", p, varlen=True)),
                ("dq", attention_bwd.attention_bwd_dq_kernel,
                 lambda p: attention_bwd._signature("dq", "*bf16", p, varlen=True)))
     return [kernel_config(f"attention_varlen_{name}", fn, signature(has_prefix), 128, case.split(" S=")[0], has_prefix,
-                          candidate_configs(name, 128)[0], True, varlen=True)
-            for name, fn, signature in kernels for case, has_prefix in AIMV2_CASES]
+                          candidate_configs(name, 128, capability)[0], True, varlen=True, arch=arch)
+            for name, fn, signature in kernels for case, has_prefix in AIMV2_CASES
+            for arch, capability in TABLE_CAPABILITIES.items()]

@@ -67,9 +67,25 @@ def _merged_levels(tensors: list[torch.Tensor]) -> list[tuple[int, list[int]]]:
     return levels
 
 
+# (shape, strides of each tensor) -> layout, for tensors read in place (no copy needed). Launchers
+# see the same few shapes on every step; the Python walk over dims runs once per shape.
+_layouts: dict[tuple, RowLayout] = {}
+
+
 def row_layout(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], RowLayout]:
     """Describe the rows of same-shape tensors for a kernel; returns the tensors (copied only when
     unavoidable: a strided last dim, or more than three unmergeable leading levels) and the layout."""
+    key = (tensors[0].shape, *(t.stride() for t in tensors))
+    layout = _layouts.get(key)
+    if layout is not None:
+        return list(tensors), layout
+    ts, layout = _row_layout(tensors)
+    if all(a is b for a, b in zip(ts, tensors)) and len(_layouts) < 1024:  # bounded: shapes of one run
+        _layouts[key] = layout
+    return ts, layout
+
+
+def _row_layout(tensors) -> tuple[list[torch.Tensor], RowLayout]:
     ts = list(tensors)
     if ts[0].shape[-1] > 1:
         ts = [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
@@ -86,9 +102,27 @@ def row_layout(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], RowLayout]:
     return ts, RowLayout(n_rows, sizes, strides, len(levels))
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
 def device_context(t: torch.Tensor):
-    """Launch on `t`'s GPU (Triton launches on the current device); nothing to do on the CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Launch on `t`'s GPU (Triton launches on the current device); nothing to do on the CPU or when
+    it already is the current device (the usual case: entering torch.cuda.device costs a few us)."""
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return _NO_CONTEXT
+    return torch.cuda.device(t.device)
+
+
+# Plain-Python twins of triton.cdiv and triton.next_power_of_2 for launchers: called from the host,
+# triton's versions go through its constexpr-function machinery, about 10x slower per call, and a
+# launcher makes several such calls on every launch.
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @functools.cache

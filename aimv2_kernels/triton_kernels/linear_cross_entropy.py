@@ -24,7 +24,7 @@ import triton.language as tl
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.linear_ce_chunks import ce_rows_torch, chunk_tokens, linear_ce_chunked
-from .common import device_context, poison
+from .common import device_context, next_power_of_2, poison
 
 _MAX_BLOCK_V = 4096
 
@@ -90,7 +90,7 @@ def _ce_rows_kernel(
 
 def launch_config(V: int) -> dict[str, int]:
     """Vocab tile and warps for rows of V logits: up to 4096 lanes, 16 fp32 values per thread."""
-    block_v = min(_MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(V)))
     return {"BLOCK_V": block_v, "num_warps": max(1, min(8, block_v // 512))}
 
 

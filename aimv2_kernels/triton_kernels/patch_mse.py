@@ -22,7 +22,7 @@ import triton.language as tl
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.loss import patch_mse_backward_torch, patch_mse_forward_torch
-from .common import device_context, poison, warn_once
+from .common import cdiv, device_context, next_power_of_2, poison, warn_once
 
 MAX_PATCH = 16384
 _TILE_ELEMENTS = 4096  # values of one tensor per program: 16 per thread at 8 warps
@@ -92,7 +92,7 @@ def _patch_mse_kernel(
 def launch_config(P: int) -> dict[str, int]:
     """Tile and warps for patches of P values: a whole patch per row of the tile, rows stacked up to
     about _TILE_ELEMENTS values (P 588 -> 4 rows of 1024 lanes, P 3 -> 1024 rows of 4 lanes)."""
-    block_p = max(triton.next_power_of_2(P), 2)
+    block_p = max(next_power_of_2(P), 2)
     block_r = max(1, _TILE_ELEMENTS // block_p)
     num_warps = min(16, max(4, block_r * block_p // 512))
     return {"BLOCK_R": block_r, "BLOCK_P": block_p, "num_warps": num_warps}
@@ -112,7 +112,7 @@ def _launch(pred, target, mask, scale, out, norm_pix, eps, backward):
     B, N, P = pred.shape
     cfg = launch_config(P)
     n_rows = B * N
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]),)
+    grid = (cdiv(n_rows, cfg["BLOCK_R"]),)
     mask_arg = mask.view(torch.uint8) if mask is not None else pred
     mask_strides = mask.stride() if mask is not None else (0, 0)
     with device_context(pred):
@@ -138,7 +138,7 @@ def patch_mse_forward(pred, target, mask, norm_pix, eps):
         return patch_mse_forward_torch(pred, target, mask, norm_pix, eps)
     if pred.shape[0] * pred.shape[1] == 0:
         return pred.new_zeros((), dtype=torch.float32)
-    programs = triton.cdiv(pred.shape[0] * pred.shape[1], launch_config(pred.shape[-1])["BLOCK_R"])
+    programs = cdiv(pred.shape[0] * pred.shape[1], launch_config(pred.shape[-1])["BLOCK_R"])
     partials = torch.empty(programs, dtype=torch.float32, device=pred.device)
     poison(partials)
     _launch(pred, target, mask, partials, partials, norm_pix, eps, backward=False)

@@ -13,6 +13,7 @@ results are bit-identical run to run on one kind of GPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.norm import _rms_norm_bwd_torch, _rms_norm_fwd_torch, _rms_norm_residual_fwd_torch
-from .common import device_context, multiprocessor_count, poison, row_layout, row_offsets, warn_once
+from .common import cdiv, device_context, multiprocessor_count, next_power_of_2, poison, row_layout, row_offsets, warn_once
 
 MAX_HIDDEN = 16384
 FWD_TILE = 2048  # values per tile (several rows when they are small): see norm_config
@@ -139,6 +140,7 @@ class NormConfig:
     num_warps: int
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of the shape, asked on every launch
 def norm_config(n_cols: int, n_rows: int, backward: bool = False) -> NormConfig:
     """Tile shape and warps for one hidden size.
 
@@ -148,9 +150,9 @@ def norm_config(n_cols: int, n_rows: int, backward: bool = False) -> NormConfig:
     so tiles are larger (BWD_TILE) with 8 values per thread, which keeps two programs resident per
     SM (<= 64 registers at 512 threads) for hidden sizes up to 4096.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     tile, per_thread = (BWD_TILE, 8) if backward else (FWD_TILE, 32)
-    block_m = min(max(1, tile // block_n), triton.next_power_of_2(max(n_rows, 1)))
+    block_m = min(max(1, tile // block_n), next_power_of_2(max(n_rows, 1)))
     num_warps = min(32 if backward else 16, max(4, block_m * block_n // (32 * per_thread)))
     return NormConfig(block_m, block_n, num_warps)
 
@@ -182,7 +184,7 @@ def _launch_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     w = weight.contiguous() if weight is not None else x  # x: a placeholder, never read
     cfg = norm_config(x.shape[-1], layout.n_rows)
     with device_context(x):
-        _rms_norm_fwd_kernel[(triton.cdiv(layout.n_rows, cfg.BLOCK_M),)](
+        _rms_norm_fwd_kernel[(cdiv(layout.n_rows, cfg.BLOCK_M),)](
             x, r, w, y, stream if stream is not None else y, rstd,
             layout.n_rows, x.shape[-1], *layout.sizes, *layout.strides[0], *layout.strides[1], eps,
             ROW_LEVELS=layout.levels, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
@@ -200,10 +202,10 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, d
     (dy, x, dres), layout = row_layout(dy, x, dresidual if dresidual is not None else dy)
     cfg = norm_config(n_cols, layout.n_rows, backward=True)
     # A fixed program count, each with a contiguous row range (a multiple of BLOCK_M rows).
-    tiles = triton.cdiv(layout.n_rows, cfg.BLOCK_M)
+    tiles = cdiv(layout.n_rows, cfg.BLOCK_M)
     programs = min(tiles, BWD_PROGRAMS_PER_SM * multiprocessor_count(x.device))
-    rows_per_program = triton.cdiv(tiles, programs) * cfg.BLOCK_M
-    programs = triton.cdiv(layout.n_rows, rows_per_program)
+    rows_per_program = cdiv(tiles, programs) * cfg.BLOCK_M
+    programs = cdiv(layout.n_rows, rows_per_program)
     partial = torch.empty((programs, n_cols) if weight is not None else (0,), dtype=torch.float32, device=x.device)
     poison(dx, dw, partial)
     with device_context(x):
@@ -216,7 +218,7 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, d
         )
         if weight is not None:
             sum_cfg = COLUMN_SUM_CONFIG
-            _column_sum_kernel[(triton.cdiv(n_cols, sum_cfg["BLOCK_N"]),)](partial, dw, programs, n_cols, **sum_cfg)
+            _column_sum_kernel[(cdiv(n_cols, sum_cfg["BLOCK_N"]),)](partial, dw, programs, n_cols, **sum_cfg)
     return dx, dw
 
 

@@ -9,6 +9,7 @@ of dx through views too: nothing is split, copied or concatenated. Rows are addr
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..backend import register
 from ..compile_check import KernelConfig
 from ..ops.swiglu import _swiglu_bwd_torch, _swiglu_fwd_torch, _swiglu_packed_bwd_torch, _swiglu_packed_fwd_torch
-from .common import device_context, poison, row_layout, row_offsets
+from .common import cdiv, device_context, next_power_of_2, poison, row_layout, row_offsets
 
 TILE = 2048  # values per program and tensor
 MAX_BLOCK_N = 1024
@@ -86,20 +87,21 @@ class SwigluConfig:
     num_warps: int
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of the shape, asked on every launch
 def swiglu_config(n_cols: int, n_rows: int) -> SwigluConfig:
     """Tile for one hidden size: columns a power of two that divides n_cols when one of at least 128
     does (AIMv2's 2816 = 11 * 256 tiles with no masked lanes), rows to fill TILE values; 4 warps
     give 16 values (two 16-byte bf16 vectors) per thread and tensor."""
-    block_n = min(triton.next_power_of_2(n_cols), MAX_BLOCK_N)
+    block_n = min(next_power_of_2(n_cols), MAX_BLOCK_N)
     divisor = n_cols & -n_cols  # largest power of two dividing n_cols
     if 128 <= divisor < block_n:
         block_n = divisor
-    block_m = min(max(1, TILE // block_n), triton.next_power_of_2(max(n_rows, 1)))
+    block_m = min(max(1, TILE // block_n), next_power_of_2(max(n_rows, 1)))
     return SwigluConfig(block_m, block_n, num_warps=4)
 
 
 def _grid(layout, n_cols: int, cfg: SwigluConfig) -> tuple[int]:
-    return (triton.cdiv(layout.n_rows, cfg.BLOCK_M) * triton.cdiv(n_cols, cfg.BLOCK_N),)
+    return (cdiv(layout.n_rows, cfg.BLOCK_M) * cdiv(n_cols, cfg.BLOCK_N),)
 
 
 def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor) -> Tensor:
