@@ -9,8 +9,13 @@ import traceback
 from typing import Optional
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line with the status argparse uses (2), not the usage block first
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = _Parser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--suite", action="append", default=[],
                         help="suite(s) to run (repeat or comma-separate); default: all, in order")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: every suite in minutes")
@@ -41,7 +46,8 @@ def main(argv=None) -> int:
     names = [n for item in args.suite for n in item.split(",") if n] or list(SUITES)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        print(f"unknown suite(s) {unknown}; choose from {list(SUITES)}", file=sys.stderr)
+        print(f"python -m benchmarks: error: --suite: unknown suite(s) {', '.join(unknown)}; expected some of "
+              f"{', '.join(SUITES)}", file=sys.stderr)
         return 2
     if not cuda:
         print("No CUDA GPU on this machine: the benchmark suites need one to give meaningful numbers.\n"

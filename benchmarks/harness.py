@@ -2,7 +2,9 @@
 
 Timing on a GPU is `triton.testing.do_bench`'s median (it clears L2 before every call and times with
 CUDA events); the first call, where torch.compile and Triton build their kernels, runs before it and is
-never timed. When one set of inputs fits in L2, calls rotate over several copies so that no provider
+never timed. Beside it, "graph ms" is the same call replayed from a CUDA graph
+(`do_bench_cudagraph`): GPU time without the host's work, so a row whose ms is well above its graph ms
+is host-bound (graph replays do not clear L2; input rotation still applies). When one set of inputs fits in L2, calls rotate over several copies so that no provider
 reads its inputs from a warm cache. On a CPU (the smoke run and pytest) a perf_counter median stands
 in: its numbers only show that the harness works.
 
@@ -56,6 +58,22 @@ def bench_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fa
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+             grad_to_none: Sequence[torch.Tensor] = ()) -> Optional[float]:
+    """GPU time of fn: its median when replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`),
+    so no host work is counted. Beside `bench_ms` it tells a host-bound row (ms well above graph ms)
+    from a GPU-bound one. None on a CPU, and when fn cannot be captured (a host sync inside it)."""
+    if device.type != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return float(do_bench_cudagraph(fn, rep=10 if quick else 20, grad_to_none=list(grad_to_none) or None,
+                                        return_mode="median"))
+    except Exception:  # noqa: BLE001 - not capturable: the row keeps its wall time only
+        return None
 
 
 def time_loop_ms(step: Callable[[], object], device: torch.device, *, warmup: int, iters: int) -> float:
@@ -222,6 +240,7 @@ class Provider:
     skip: Optional[str] = None  # why this provider cannot run here
     mask: str = ""  # attention: which mask it applies ("prefix" or "causal"), for counting FLOPs
     note: str = ""  # shown beside its timings (e.g. which kernels fall back to another backend)
+    bound: bool = False  # not the op but a bound to read it against (the loss's GEMM floor): other output
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -376,6 +395,9 @@ def run_case(ctx: Context, case: Case, provider: Provider) -> Result:
             fn()  # compile / autotune / first-call allocations, never timed
             synchronize(ctx.device)
             result.ms = bench_ms(fn, ctx.device, quick=ctx.quick, grad_to_none=leaves)
+            if ctx.device.type == "cuda":
+                gpu = graph_ms(fn, ctx.device, quick=ctx.quick, grad_to_none=leaves)
+                result.extra["graph ms"] = round(gpu, 4) if gpu is not None else "not capturable"
             for t in leaves:
                 t.grad = None
             result.peak_mib = peak_memory_mib(fn, ctx.device)

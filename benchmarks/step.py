@@ -6,13 +6,16 @@ the eager reference
 (`aimv2.reference_model.ReferenceAIMv2Model`: torch.nn.RMSNorm, SDPA with a dense prefix mask,
 materialized logits), and that reference under torch.compile. All run at one batch size: the
 largest of a candidate list that the eager reference fits (it needs the most memory), so images/s
-compare like with like. MFU uses the model FLOPs counted in `model_flops_per_image`; peak MiB is
-all memory at the step's peak (weights, AdamW state, activations), not only what a call adds.
+compare like with like. MFU uses the model FLOPs counted in `model_flops_per_image`, against the
+matmul rate measured in the run (% of roof) and the datasheet (MFU); peak MiB is all memory at the
+step's peak (weights, AdamW state, activations), not only what a call adds. Our models also report
+one profiled step's time by kernel class (benchmarks/step_breakdown.py).
 """
 from __future__ import annotations
 
 import torch
 
+from . import step_breakdown
 from .attention import visible_pairs
 from .harness import Context, Result, free_memory, time_loop_ms
 from .targets import Verdict, speedup_vs
@@ -22,8 +25,9 @@ X_LABEL = "batch size"
 PRESET, SMOKE_PRESET = "large", "tiny"
 # Quick runs probe one batch size (each probe builds the reference and runs a step: seconds apiece).
 BATCHES, BATCHES_QUICK, SMOKE_BATCHES = (512, 384, 256, 192, 128, 96, 64, 32, 16), (128,), (4,)
-# Eager models first: a run cut short by its time limit loses the compiled ones (slow to build) only.
-MODELS = ("ours", "reference", "ours-cuda", "ours+compile", "reference+compile")
+# The question first: the eager reference, then ours; then the cuda backend; then both compiled
+# (slow to build: a run cut short by its time limit loses those only).
+MODELS = ("reference", "ours", "ours-cuda", "reference+compile", "ours+compile")
 # the aimv2_kernels backend each of our models runs under
 BACKENDS = {"ours": "auto", "ours-cuda": "cuda", "ours+compile": "auto"}
 STEP_DTYPE = {False: "bfloat16 autocast", True: "float32"}  # by ctx.smoke: autocast runs only on CUDA
@@ -183,6 +187,7 @@ def _measure_on_backend(ctx: Context, c, kind: str, size: int, r: Result) -> Non
             torch.cuda.reset_peak_memory_stats(ctx.device)
             step()
             r.peak_mib = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        breakdown = step_breakdown.time_by_class(step, ctx.device) if _is_ours(kind) else None
         flops = model_flops_per_image(c, batch[2].cpu())
     except Exception as exc:  # noqa: BLE001 - one model's failure must not end the run
         r.ms, r.note = None, f"failed: {type(exc).__name__}: {str(exc).strip()[:160]}"
@@ -195,6 +200,8 @@ def _measure_on_backend(ctx: Context, c, kind: str, size: int, r: Result) -> Non
     r.roof_frac = achieved / ctx.card.matmul_tflops
     peak = datasheet_tflops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
     r.extra = {"model TFLOP/s": f"{achieved:.3g}", "MFU": f"{100 * achieved / peak:.1f}%" if peak else "-"}
+    if breakdown is not None:
+        r.extra["time by kernel class"] = step_breakdown.summary(breakdown)
 
 
 def targets(results: list[Result]) -> list[Verdict]:

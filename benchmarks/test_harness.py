@@ -106,6 +106,11 @@ def test_smoke_run_json_has_records_targets_and_skip_reasons(smoke_run):
     liger = by_label["loss fwd+bwd vs Liger FLCE + MSE"]
     assert liger["met"] is None and liger["value"] is None and liger["threshold"] == 1.2
     assert by_label["loss fwd+bwd vs Cut Cross-Entropy + MSE"]["informational"] is True
+    # the GEMM floor runs in the same run: every measured row of ours reads against it
+    floor = by_label["loss fwd+bwd: GEMM floor / ours"]
+    assert floor["threshold"] == pytest.approx(1 / 1.15) and floor["value"] is not None
+    assert all(loss.FLOOR in r["ratio_to"] for r in records if r["suite"] == "loss" and r["ours"] and r["ms"])
+    assert 2048 in loss.TOKENS and 2048 in loss.TOKENS_QUICK
     roof = by_label["RMSNorm fwd, fraction of copy bandwidth"]
     assert roof["threshold"] == 0.9 and roof["sense"] == ">=" and roof["met"] in (True, False)
     assert roof["value"] == pytest.approx(min(r["roof_frac"] for r in records
@@ -279,3 +284,86 @@ def test_varlen_smoke_run_measures_ours_and_the_padded_batch(tmp_path):
     targets = {t["label"]: t for t in doc["targets"]}
     assert len(targets) == 2 and all(t["threshold"] == 1.5 and t["sense"] == ">=" for t in targets.values())
     assert all(t["value"] is not None and t["met"] in (True, False) for t in targets.values())
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("void aimv2::hopper_attention::attention_fwd_sm90_kernel<Traits<cutlass::bfloat16_t, 128>>(Params)", "attention"),
+    ("attention_bwd_dkdv_kernel", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "gemm"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+    ("_rms_norm_bwd_kernel", "norm"), ("_swiglu_fwd_kernel", "swiglu"), ("_ce_rows_kernel", "loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "elementwise and casts"),
+    ("some_unknown_kernel", "other"),
+])
+def test_step_breakdown_classes_kernels_by_name(name, cls):
+    from benchmarks import step_breakdown
+
+    assert step_breakdown.classify(name) == cls
+
+
+def test_step_breakdown_of_a_cpu_step_names_its_classes():
+    from benchmarks import step_breakdown
+
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    totals = step_breakdown.time_by_class(lambda: torch.nn.functional.silu(x @ w).sum().backward(),
+                                          torch.device("cpu"))
+    assert "gemm" in totals and all(ms >= 0 for ms in totals.values())
+    assert step_breakdown.summary({"gemm": 3.0, "idle": 1.0}) == "gemm 75% (3.0 ms), idle 25% (1.0 ms)"
+
+
+# ---- host suite and GPU time ------------------------------------------------------------------------
+
+def test_host_suite_runs_here_and_reports_ratios_to_pytorch(tmp_path, monkeypatch):
+    """The host suite runs on any machine: every op timed on our torch backend and PyTorch's own, our
+    rows carrying ours / PyTorch's, the SPEC bounds as targets (values not asserted: no timing checks)."""
+    import contextlib
+    import io
+
+    from benchmarks import host
+
+    monkeypatch.setattr(host, "ROUND_SECONDS", 0.002)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--quick", "--suite", "host", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    records = doc["records"]
+    assert {r["op"] for r in records} == {op.name for op in host.host_ops()}
+    for op in {r["op"] for r in records}:
+        rows = {r["provider"]: r for r in records if r["op"] == op}
+        assert {"ours-torch", "pytorch"} <= set(rows) and all(r["ms"] > 0 for r in rows.values())
+        ours = rows["ours-torch"]
+        assert ours["ours"] and ours["extra"]["x PyTorch"] == pytest.approx(ours["ms"] / rows["pytorch"]["ms"], rel=0.01)
+        assert "load" in ours["extra"]
+    targets = {t["label"]: t for t in doc["targets"]}
+    assert {t["threshold"] for t in targets.values()} == {1.5, 2.0} and all(t["sense"] == "<=" for t in targets.values())
+    assert len(targets) == len(host.TARGETS) and all(t["met"] in (True, False) for t in targets.values())
+
+
+def test_host_ops_compute_what_pytorch_computes():
+    """Each host-suite pair computes the same values, so a ratio compares like with like."""
+    import aimv2_kernels as ak
+    from benchmarks import host
+
+    for op in host.host_ops():
+        inputs, _ = op.make(torch.device("cpu"))
+        with ak.use_backend("torch"):
+            ours = op.ours(*inputs)
+        theirs = op.theirs(*inputs)
+        for a, b in zip(ours if isinstance(ours, tuple) else (ours,), theirs if isinstance(theirs, tuple) else (theirs,)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=op.name)
+
+
+def test_graph_ms_is_none_on_a_cpu_and_when_capture_fails(monkeypatch):
+    import triton.testing
+
+    from benchmarks.harness import graph_ms
+
+    assert graph_ms(lambda: None, torch.device("cpu")) is None
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: 0.25)
+    assert graph_ms(lambda: None, torch.device("cuda")) == 0.25
+
+    def not_capturable(fn, **kw):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", not_capturable)
+    assert graph_ms(lambda: None, torch.device("cuda")) is None
