@@ -1,14 +1,26 @@
 """The AIMv2 multimodal decoder: causal attention over [image tokens | BOS | caption tokens]."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import aimv2_kernels as ak
 
-from .blocks import init_weights, make_blocks, run_blocks
+from .blocks import add_norm, init_weights, make_blocks, run_blocks
 from .config import AIMv2Config
 from .packing import DecoderLayout
+
+
+@dataclass
+class DecodeCache:
+    """Keys and values (B, H, S, D) of every decoder block for the rows decoded so far, and the
+    number of text rows (BOS included) among them."""
+    keys: list[Tensor]
+    values: list[Tensor]
+    text_rows: int
 
 
 class AIMv2Decoder(nn.Module):
@@ -91,6 +103,59 @@ class AIMv2Decoder(nn.Module):
         h = run_blocks(self.blocks, self.norm, positions, None, causal=True, update=content,
                        packing=(layout.cu_seqlens, layout.max_seqlen))  # (S, dec_dim)
         return self.pixel_head(h[layout.pixel_rows]), h[layout.text_rows]
+
+    # ---- incremental decoding (inference only) -----------------------------------------------------
+    # Greedy captioning calls the decoder once per written token. Run whole, each call would redo the
+    # N image rows and every earlier token in every block, though causality makes their states final
+    # once computed; with a cache of each block's keys and values a call costs one row per image
+    # (measured on the tiny preset: 256 held-out captions in about a tenth of the time).
+
+    def _cached_blocks(self, stream: Tensor, update: Tensor, cache: DecodeCache) -> Tensor:
+        """New rows (B, S, D) of stream and pending update through every block, attending to the
+        cached rows and causally among themselves; appends their keys and values to the cache."""
+        B, S, _ = stream.shape
+        for i, block in enumerate(self.blocks):
+            h, stream = add_norm(update, stream, block.norm1)
+            attn = block.attn
+            q, k, v = attn.qkv(h).view(B, S, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if i < len(cache.keys):  # rows after the cached ones see all of those (and themselves)
+                if S != 1:
+                    raise ValueError("after the first call, the cached decoder takes one row at a time")
+                k, v = torch.cat([cache.keys[i], k], dim=2), torch.cat([cache.values[i], v], dim=2)
+                cache.keys[i], cache.values[i] = k, v
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:  # the first call: the same causal attention as training
+                cache.keys.append(k)
+                cache.values.append(v)
+                out = ak.prefix_causal_attention(q, k, v, None, causal=True)
+            attn_out = attn.proj(out.transpose(1, 2).reshape(B, S, attn.dim))
+            h, stream = add_norm(attn_out, stream, block.norm2)
+            update = block.mlp(h)
+        return add_norm(update, stream, self.norm)[0]
+
+    @torch.no_grad()
+    def start_decoding(self, features: Tensor) -> tuple[Tensor, DecodeCache]:
+        """Eval-time start of incremental decoding: features (B, N, enc_dim) -> (hidden (B, dec_dim)
+        of the BOS row, which predicts token 0; the cache). Then `decode_next` per token."""
+        B, N, _ = features.shape
+        content = torch.cat([self.image_proj(features), self.bos.expand(B, -1, -1)], dim=1)  # (B, N + 1, d)
+        positions = torch.cat([self.pos_embed.new_zeros(1, N, self.config.dec_dim), self.pos_embed[:, :1]], dim=1)
+        cache = DecodeCache([], [], text_rows=1)
+        h = self._cached_blocks(positions.expand(B, -1, -1), content, cache)
+        return h[:, -1], cache
+
+    @torch.no_grad()
+    def decode_next(self, token: Tensor, cache: DecodeCache) -> Tensor:
+        """token (B,) int: the token just written -> hidden (B, dec_dim) of its row, which predicts
+        the next token. Equals `hidden_states` over all tokens so far, up to rounding."""
+        k = cache.text_rows  # the token's row in the text part: its position embedding
+        if k > self.config.max_text_len:
+            raise ValueError(f"the decoder has positions for max_text_len={self.config.max_text_len} tokens")
+        B = token.shape[0]
+        content = self.token_embed(token.view(B, 1))  # (B, 1, d)
+        h = self._cached_blocks(self.pos_embed[:, k:k + 1].expand(B, -1, -1), content, cache)
+        cache.text_rows += 1
+        return h[:, 0]
 
     def text_logits(self, text_hidden: Tensor) -> Tensor:
         """(B, T, dec_dim) -> (B, T, vocab) logits; materializes them, for inspection and sampling only."""

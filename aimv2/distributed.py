@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .cli import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -37,9 +39,12 @@ class DistInfo:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was requested but no CUDA device is available")
+        raise UsageError(f"--device {name} was requested but no CUDA device is available")
     return device
 
 

@@ -19,7 +19,6 @@ The other direction is pretrained.py (`AIMv2Encoder.from_pretrained`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
+from .cli import ArgumentParser
+from .cli import run as run_command
 from .config import AIMv2Config
 from .encoder import AIMv2Encoder
 from .interop import transformers_config_kwargs
@@ -172,7 +173,8 @@ def _write_folder(out_dir: str, config: dict, tensors: dict[str, Tensor], overwr
 # ---- command line -----------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """The command: exit status 0, or 2 / 1 with one line for a bad option / a failed export (aimv2.cli)."""
+    parser = ArgumentParser(
         prog="aimv2-export",
         description="Export the encoder of a training checkpoint as a transformers Aimv2VisionModel folder "
                     "(config.json + model.safetensors).")
@@ -181,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's, float32 from training)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUTDIR")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> int:
         out, config, dtype, description = _export(args.checkpoint, args.out_dir, args.dtype, args.overwrite)
-    except (ckpt.CheckpointError, FileExistsError, FileNotFoundError, ValueError, OSError) as exc:
-        print(f"aimv2-export: {exc}", file=sys.stderr)
-        return 1
-    kind = "native-resolution" if config.native else f"{config.image_size} px"
-    print(f"aimv2-export: wrote {out} ({CONFIG_NAME}, {WEIGHTS_NAME} in {_dtype_name(dtype)}) from {description}: "
-          f"{kind} encoder, width {config.enc_dim}, depth {config.enc_depth}")
-    return 0
+        kind = "native-resolution" if config.native else f"{config.image_size} px"
+        print(f"aimv2-export: wrote {out} ({CONFIG_NAME}, {WEIGHTS_NAME} in {_dtype_name(dtype)}) from {description}: "
+              f"{kind} encoder, width {config.enc_dim}, depth {config.enc_depth}")
+        return 0
+
+    # FileExistsError and FileNotFoundError are OSErrors
+    return run_command("aimv2-export", body, argv, failures=(ckpt.CheckpointError, ValueError))
 
 
 if __name__ == "__main__":

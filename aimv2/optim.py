@@ -39,7 +39,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             **update_kind(model))
+
+
+def update_kind(model: nn.Module) -> dict[str, bool]:
+    """How AdamW updates the parameters. On CUDA, fused: one kernel per parameter group instead of the
+    several launches of the multi-tensor path. Elsewhere, and where a parameter is not a plain tensor
+    (FSDP2's sharded DTensors), foreach: one multi-tensor update instead of a Python loop over the
+    parameters, which PyTorch picks by itself only on CUDA (on the CPU the loop cost the tiny preset
+    about 1% of its step)."""
+    params = list(model.parameters())
+    if params and all(p.is_cuda and type(p) is nn.Parameter for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 class WarmupCosine:

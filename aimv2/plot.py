@@ -5,10 +5,11 @@ beside its `--blank-images` control; the figure goes to the first directory unle
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from .cli import ArgumentParser
+from .cli import run as run_command
 from .metrics import read_metrics
 
 PANELS = (("loss", "total loss"), ("pixel_loss", "pixel loss"), ("text_loss", "text loss"), ("lr", "learning rate"))
@@ -60,17 +61,17 @@ def plot_runs(run_dirs: list[str], output: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aimv2-plot", description="Plot the loss curves of aimv2-train runs.")
+    """The command: exit status 0, or 2 / 1 with one line for a bad option / nothing to plot (aimv2.cli)."""
+    parser = ArgumentParser(prog="aimv2-plot", description="Plot the loss curves of aimv2-train runs.")
     parser.add_argument("run_dirs", nargs="+", metavar="DIR", help="run output directories (holding metrics.jsonl)")
     parser.add_argument("--output", help="image to write (default: DIR/loss.png of the first DIR)")
     args = parser.parse_args(argv)
-    try:
-        path = plot_runs(args.run_dirs, args.output)
-    except FileNotFoundError as exc:
-        print(f"aimv2-plot: {exc}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+
+    def body() -> int:
+        print(plot_runs(args.run_dirs, args.output))
+        return 0
+
+    return run_command("aimv2-plot", body, argv, failures=(ValueError,))
 
 
 if __name__ == "__main__":

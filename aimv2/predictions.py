@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .config import AIMv2Config
 from .data import EvalTransform, NativeNormalize, NativeTransform, ShapesDataset
+from .data.loader import MAX_CONSECUTIVE_FAILURES
 from .data.transforms import MEAN, STD
 from .packing import PackedImages
 from .patchify import patchify, unpatchify
@@ -51,14 +52,17 @@ def held_out_set(source, config: AIMv2Config, count: int, max_patches: int | Non
     else:
         transform = EvalTransform(config.image_size)
     images, captions = [], []
+    failed = 0  # in a row: as many as make training call the data broken end the search (not the run)
     for index in range(len(source)):
-        if len(images) == count:
+        if len(images) == count or failed == MAX_CONSECUTIVE_FAILURES:
             break
         try:
             image, caption = source.load(index)
             pixels = transform(image, None)
         except Exception:  # an unreadable sample (training skips it too): take the next one
+            failed += 1
             continue
+        failed = 0
         images.append(pixels)
         captions.append(caption)
     return HeldOut(images, captions)
@@ -75,31 +79,44 @@ def _encode(model, images: list[Tensor]):
     device, c = _model_device(model), model.config
     if c.native:
         packed = PackedImages.from_images(images, c.patch_size).to(device)
-        half = [n // 2 if c.eval_prefix_len is None else min(c.eval_prefix_len, n) for n in packed.lengths]
-        prefix = torch.tensor(half, device=device)
+        prefix = torch.tensor(_eval_prefixes(c, images), device=device)
         features = model.encoder(packed, prefix)
         return prefix, lambda tokens: model.decoder.forward_packed(features, packed.lengths, tokens)
-    batch = torch.stack(images).to(device)
-    N = c.num_patches
-    prefix = torch.full((len(images),), N // 2 if c.eval_prefix_len is None else c.eval_prefix_len, device=device)
-    features = model.encoder(batch, prefix)
+    prefix = torch.tensor(_eval_prefixes(c, images), device=device)
+    features = model.encoder(torch.stack(images).to(device), prefix)
     return prefix, lambda tokens: model.decoder(features, tokens)
 
 
+def _eval_prefixes(c: AIMv2Config, images: list[Tensor]) -> list[int]:
+    """Each image's evaluation prefix: config.eval_prefix_len, else half of its patches."""
+    counts = [_patches(image, c.patch_size) for image in images]
+    return [n // 2 if c.eval_prefix_len is None else min(c.eval_prefix_len, n) for n in counts]
+
+
 @torch.no_grad()
-def greedy_tokens(model, images: list[Tensor], eos_id: int, pad_id: int, batch_size: int = 64) -> Tensor:
-    """(n, T) token ids written by greedy decoding from each image, pad_id after the first eos."""
+def greedy_tokens(model, images: list[Tensor], eos_id: int, pad_id: int, batch_size: int = 256) -> Tensor:
+    """(n, T) token ids written by greedy decoding from each image, pad_id after the first eos.
+
+    Square models decode incrementally (the decoder's key/value cache: one row per image and
+    token); native ones run the packed decoder over all tokens so far at each token."""
     c = model.config
     out = []
     for start in range(0, len(images), batch_size):
-        _, decode = _encode(model, images[start:start + batch_size])
-        n = min(batch_size, len(images) - start)
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
         tokens = torch.full((n, c.max_text_len), pad_id, dtype=torch.long, device=_model_device(model))
         finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-        for k in range(c.max_text_len):
+        if c.native:
+            _, decode = _encode(model, chunk)
             # text_hidden[:, k] sees BOS and tokens < k only (causal): the placeholder at k is unseen
-            _, text_hidden = decode(tokens[:, : k + 1])
-            step = model.decoder.text_logits(text_hidden[:, k]).argmax(-1)
+            hidden_at = lambda k: decode(tokens[:, : k + 1])[1][:, k]  # noqa: E731
+        else:
+            prefix = torch.tensor(_eval_prefixes(c, chunk), device=tokens.device)
+            features = model.encoder(torch.stack(chunk).to(tokens.device), prefix)
+            first, cache = model.decoder.start_decoding(features)
+            hidden_at = lambda k: first if k == 0 else model.decoder.decode_next(tokens[:, k - 1], cache)  # noqa: E731
+        for k in range(c.max_text_len):
+            step = model.decoder.text_logits(hidden_at(k)).argmax(-1)
             tokens[:, k] = torch.where(finished, pad_id, step)
             finished |= step == eos_id
             if bool(finished.all()):
@@ -138,25 +155,36 @@ def predicted_pixels(model, image: Tensor, prefix_len: int) -> Tensor:
     """(C, H, W): the image with every patch from `prefix_len` on replaced by the model's prediction,
     mapped back to pixels with the true patch's own mean and standard deviation (the loss compares
     with per-patch normalized targets, so that is the scale the prediction lives in)."""
-    c = model.config
+    return _predicted_pixels(model, [image], [prefix_len])[0]
+
+
+@torch.no_grad()
+def _predicted_pixels(model, images: list[Tensor], prefixes: list[int]) -> list[Tensor]:
+    """predicted_pixels of several images: square ones in one encoder and decoder call."""
+    c, device = model.config, _model_device(model)
+    no_text = torch.zeros(len(images), 1, dtype=torch.long, device=device)
+    if c.native:  # images of their own sizes: one at a time
+        preds = []
+        for image, m in zip(images, prefixes):
+            packed = PackedImages.from_images([image], c.patch_size).to(device)
+            features = model.encoder(packed, torch.tensor([m], device=device))
+            preds.append(model.decoder.forward_packed(features, packed.lengths, no_text[:1])[0])
+    else:
+        features = model.encoder(torch.stack(images).to(device), torch.tensor(prefixes, device=device))
+        preds = model.decoder(features, no_text)[0]  # (n, N - 1, P)
+    return [_rebuild(image, pred, m, c) for image, pred, m in zip(images, preds, prefixes)]
+
+
+def _rebuild(image: Tensor, pixel_pred: Tensor, prefix_len: int, c: AIMv2Config) -> Tensor:
+    """The image with patches from prefix_len on taken from pixel_pred (N - 1, P), rescaled."""
     p = c.patch_size
     h, w = image.shape[1] // p, image.shape[2] // p
-    device = _model_device(model)
-    batch = image.unsqueeze(0).to(device)
-    prefix = torch.tensor([prefix_len], device=device)
-    if c.native:
-        packed = PackedImages.from_images([image], p).to(device)
-        pixel_pred, _ = model.decoder.forward_packed(model.encoder(packed, prefix), packed.lengths,
-                                                     torch.zeros(1, 1, dtype=torch.long, device=device))
-        pixel_pred = pixel_pred.unsqueeze(0)
-    else:
-        pixel_pred, _ = model.decoder(model.encoder(batch, prefix), torch.zeros(1, 1, dtype=torch.long, device=device))
-    target = patchify(batch.float(), p)[0]  # (N, P)
+    target = patchify(image.unsqueeze(0).float(), p)[0]  # (N, P)
     mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + c.norm_pix_eps).sqrt()
     rebuilt = target.clone()
-    rebuilt[1:] = pixel_pred[0].float() * std[1:] + mean[1:]  # position i predicts patch i + 1
+    rebuilt[1:] = pixel_pred.float().cpu() * std[1:] + mean[1:]  # position i predicts patch i + 1
     rebuilt[:prefix_len] = target[:prefix_len]
-    return unpatchify(rebuilt.unsqueeze(0), p, c.channels, grid=(h, w))[0].cpu()
+    return unpatchify(rebuilt.unsqueeze(0), p, c.channels, grid=(h, w))[0]
 
 
 def _to_rgb(image: Tensor):
@@ -175,9 +203,13 @@ def _dimmed_after(image: Tensor, prefix_len: int, patch_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def draw_predictions(model, held: HeldOut, tokenizer, path: str, rows: int = 8, title: str = "") -> str:
+def draw_predictions(model, held: HeldOut, tokenizer, path: str, rows: int = 8, title: str = "",
+                     captions: list[str] | None = None) -> str:
     """predictions.png: per held-out image, the input, the prefix the encoder saw bidirectionally,
-    the next-patch predictions for the rest, and the greedy caption beside the true one."""
+    the next-patch predictions for the rest, and the greedy caption beside the true one.
+
+    captions: the greedy captions of the first held-out images when the caller has them already
+    (the trainer scores them just before); decoded here otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +219,15 @@ def draw_predictions(model, held: HeldOut, tokenizer, path: str, rows: int = 8, 
     model.eval()
     try:
         images = held.images[:rows]
-        prefix, _ = _encode(model, images)
-        captions = greedy_captions(model, images, tokenizer)
+        c = model.config
+        prefix = _eval_prefixes(c, images)
+        if captions is None or len(captions) < len(images):
+            captions = greedy_captions(model, images, tokenizer)
+        predicted = _predicted_pixels(model, images, prefix)
         fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.3 * len(images)), squeeze=False)
         for i, image in enumerate(images):
-            m = int(prefix[i])
-            panels = (image, _dimmed_after(image, m, model.config.patch_size), predicted_pixels(model, image, m))
+            m = prefix[i]
+            panels = (image, _dimmed_after(image, m, c.patch_size), predicted[i])
             names = ("input", "prefix (seen bidirectionally)", "next-patch predictions")
             for ax, panel, name in zip(axes[i], panels, names):
                 ax.imshow(_to_rgb(panel), interpolation="nearest")
@@ -200,8 +235,7 @@ def draw_predictions(model, held: HeldOut, tokenizer, path: str, rows: int = 8, 
                 ax.set_yticks([])
                 if i == 0:
                     ax.set_title(name, fontsize=9)
-            patches = (image.shape[1] // model.config.patch_size) * (image.shape[2] // model.config.patch_size)
-            axes[i][1].set_xlabel(f"{m} of {patches} patches", fontsize=7)
+            axes[i][1].set_xlabel(f"{m} of {_patches(image, c.patch_size)} patches", fontsize=7)
             mark = "=" if captions[i] == held.captions[i] else "x"
             axes[i][2].set_xlabel(f"true: {_printable(held.captions[i])}\nmodel {mark} {_printable(captions[i])}",
                                   fontsize=7, loc="right")
@@ -212,6 +246,10 @@ def draw_predictions(model, held: HeldOut, tokenizer, path: str, rows: int = 8, 
     finally:
         plt.close("all")
         model.train(was_training)
+
+
+def _patches(image: Tensor, patch_size: int) -> int:
+    return (image.shape[1] // patch_size) * (image.shape[2] // patch_size)
 
 
 def _printable(text: str) -> str:

@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import probe_report
-from .config import AIMv2Config
+from .cli import ArgumentParser
+from .cli import run as run_command
+from .config import PRESETS, AIMv2Config
 from .data import KINDS, EvalTransform, ShapesDataset
 from .distributed import pick_device
 from .model import AIMv2Model
@@ -264,7 +266,7 @@ def run_probe(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aimv2-probe", description="Probe a frozen AIMv2 encoder: prints per-class "
+    parser = ArgumentParser(prog="aimv2-probe", description="Probe a frozen AIMv2 encoder: prints per-class "
                                      "and top-1 accuracy, writes the confusion matrix and the numbers.")
     parser.add_argument("--checkpoint", help="checkpoint file or run directory (newest checkpoint); omit for a random encoder")
     parser.add_argument("--preset", default="tiny", help="architecture without --checkpoint (default: tiny)")
@@ -284,14 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values argparse's types do not check: one line and exit status 2 for a bad one."""
+    if args.preset not in PRESETS:
+        parser.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+    for flag in ("train_size", "test_size", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """The command: exit status 0, or 2 / 1 with one line for a bad option / a failed probe (aimv2.cli)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+
+    def body() -> int:
         run_probe(args)
-    except (FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:
-        print(f"aimv2-probe: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_command("aimv2-probe", body, argv, failures=(ValueError, ckpt.CheckpointError))
 
 
 if __name__ == "__main__":

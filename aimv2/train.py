@@ -38,8 +38,10 @@ import torch
 import aimv2_kernels as ak
 
 from . import checkpoint as ckpt
+from .cli import UsageError
+from .cli import run as run_command
 from .config import AIMv2Config
-from .data import CaptionDataset, ShapesDataset, load_tokenizer, native_transform_for, open_source, transform_for
+from .data import BrokenDataError, CaptionDataset, ShapesDataset, load_tokenizer, native_transform_for, open_source, transform_for
 from .distributed import DistInfo, all_reduce_sum, any_process, barrier, full_state, gradient_sync, init_distributed, load_full_state, shutdown, wrap_model
 from .metrics import MetricsLog, read_metrics, summarize
 from .model import AIMv2Model
@@ -146,16 +148,29 @@ class Trainer:
             cfg = merge_for_resume(state["train_config"], cfg)
         self.cfg = cfg
         if cfg.backend is not None:
-            ak.set_backend(cfg.backend)
-        _prepare_out_dir(cfg, info, resuming=state is not None)
-        _seed_everything(cfg.seed)  # same model init on every process
+            try:
+                ak.set_backend(cfg.backend)
+            except ValueError as exc:
+                raise UsageError(f"--backend {cfg.backend!r}: {exc}") from exc
 
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        # the tokenizer and the data before the output directory: a wrong path stops the run before
+        # it creates or empties anything
+        try:
+            self.tokenizer = load_tokenizer(cfg.tokenizer)
+        except FileNotFoundError as exc:  # a failure to read (exit status 1), named by its flag
+            raise FileNotFoundError(f"--tokenizer: {exc}") from exc
+        except ValueError as exc:
+            raise UsageError(f"--tokenizer {cfg.tokenizer!r}: {exc}") from exc
         base = AIMv2Config(**state["model_config"]) if state else AIMv2Config.preset(cfg.preset, **cfg.model)
         self.max_patches = cfg.max_patches or base.num_patches
         native_sizes = dict(patch_size=base.patch_size, max_patches=self.max_patches) if cfg.native_resolution else {}
-        self.source = open_source(cfg.data, base.image_size, cfg.seed, cfg.builtin_size, **native_sizes)
+        try:
+            self.source = open_source(cfg.data, base.image_size, cfg.seed, cfg.builtin_size, **native_sizes)
+        except ValueError as exc:
+            raise UsageError(str(exc) if "--data" in str(exc) else f"--data {cfg.data!r}: {exc}") from exc
         self.model_config = AIMv2Config(**state["model_config"]) if state else model_config_for(cfg, self.tokenizer, self.source)
+        _prepare_out_dir(cfg, info, resuming=state is not None)
+        _seed_everything(cfg.seed)  # same model init on every process
 
         model = AIMv2Model(self.model_config).to(info.device)
         self.raw_model = model
@@ -201,7 +216,7 @@ class Trainer:
                 return NativeBatches(dataset, len(self.source), max_tokens=cfg.max_tokens or cfg.batch_size * c.num_patches,
                                      max_patches=self.max_patches, patch_size=c.patch_size,
                                      saved=state["data"] if state else None, **common)
-            except ValueError as exc:
+            except ValueError as exc:  # a budget below one image (names the flag), a foreign checkpoint
                 raise SystemExit(f"aimv2-train: {exc}") from exc
         dataset = CaptionDataset(self.source, self.tokenizer, c.max_text_len, transform_for(self.source, c.image_size), cfg.seed)
         return SquareBatches(dataset, len(self.source), global_batch=cfg.batch_size, num_patches=c.num_patches,
@@ -346,13 +361,15 @@ class Trainer:
         model.eval()
         try:
             with torch.no_grad(), self.autocast:
+                captions = None
                 if cfg.eval_samples:
                     n = min(cfg.eval_samples, len(held.images))
                     captions = greedy_captions(model, held.images[:n], self.tokenizer)
                     out = {**caption_accuracy(captions, held.captions[:n]), "eval_samples": n}
                 if cfg.prediction_images:
                     draw_predictions(model, held, self.tokenizer, os.path.join(cfg.out_dir, "predictions.png"),
-                                     rows=cfg.prediction_images, title=f"{cfg.out_dir}, step {self.step}")
+                                     rows=cfg.prediction_images, title=f"{cfg.out_dir}, step {self.step}",
+                                     captions=captions)  # the pictured images' captions: decoded once
         finally:
             model.train(was_training)
         return out
@@ -416,11 +433,16 @@ def _restart_with_passive_openmp() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: exit status 0, or 2 / 1 with one line for a bad option / a failed run (aimv2.cli)."""
     if argv is None:
         _restart_with_passive_openmp()
-    cfg = parse_args(argv)
-    train(cfg)
-    return 0
+    cfg = parse_args(argv)  # a bad option: one line, exit status 2
+
+    def body() -> int:
+        train(cfg)
+        return 0
+
+    return run_command("aimv2-train", body, argv, failures=(BrokenDataError, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cli import ArgumentParser, UsageError
+from .config import PRESETS, AIMv2Config
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -71,32 +74,49 @@ class TrainConfig:
     explicit: tuple | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
+        """Checks every option that can be checked without touching files; a bad one raises
+        UsageError (a ValueError) naming its flag."""
+        try:
+            self._check()
+        except UsageError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+
+    def _check(self) -> None:
         self.betas = tuple(self.betas)
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}")
+        if not isinstance(self.model, dict):
+            raise TypeError(f"model overrides must be a mapping, got {type(self.model).__name__}")
+        try:  # unknown fields and values the model rejects (e.g. a width its heads do not divide)
+            AIMv2Config.preset(self.preset, **{"native": self.native_resolution, **self.model})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--model {' '.join(f'{k}={v}' for k, v in self.model.items())}: {exc}") from exc
         positive = ("steps", "batch_size", "grad_accum", "builtin_size", "ckpt_every", "log_every")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.workers is None:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             self.workers = max(1, min(8, (os.cpu_count() or 2) // (2 * local_processes)))
-        if self.workers < 0 or self.keep_checkpoints < 0 or self.eval_samples < 0 or self.prediction_images < 0:
-            raise ValueError("workers, keep_checkpoints, eval_samples and prediction_images must be >= 0")
-        if not self.lr > 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, grad_clip >= 0, weight_decay >= 0; got {self.lr}, {self.grad_clip}, {self.weight_decay}")
+        for name in ("workers", "keep_checkpoints", "eval_samples", "prediction_images", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr!r}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         for name in ("max_tokens", "max_patches"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
-                raise ValueError(f"{name} must be an integer >= 2 or None, got {value!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 2, got {value!r}")
             if value is not None and not self.native_resolution:
                 raise ValueError(f"--{name.replace('_', '-')} applies only with --native-resolution")
         if self.native_resolution and self.compile:
             raise ValueError("--compile does not combine with --native-resolution yet: every packed batch has new "
                              "sizes, so the compiled model would recompile at every step")
-        if not isinstance(self.model, dict):
-            raise TypeError(f"model overrides must be a mapping, got {type(self.model).__name__}")
 
     @property
     def out_dir(self) -> str:
@@ -142,7 +162,7 @@ def _optional(cast):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="aimv2-train",
         description="Pre-train AIMv2 (encoder + multimodal decoder). With no arguments: the tiny preset on built-in data.",
         argument_default=argparse.SUPPRESS,  # only flags actually given appear in the namespace
@@ -195,7 +215,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The TrainConfig for a command line (defaults < config file < flags)."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    options = load_config_file(args.pop("config")) if "config" in args else {}
+    args.pop("debug", None)  # read by the command's error handling (cli.debugging), not an option
+    try:
+        options = load_config_file(args.pop("config")) if "config" in args else {}
+    except OSError as exc:
+        parser.error(f"--config: {exc}")
+    except ValueError as exc:
+        parser.error(str(exc))
     model = dict(options.get("model") or {})
     if "model" in args:
         model.update(dict(args.pop("model")))

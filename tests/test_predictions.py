@@ -63,6 +63,26 @@ def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits(native)
     assert torch.equal(one_by_one, tokens)
 
 
+def test_cached_decoding_gives_the_hidden_states_of_the_whole_sequence():
+    """start_decoding + decode_next (the key/value cache greedy captioning uses) give, row by row,
+    the states of one decoder pass over all tokens; a second cache starts afresh."""
+    model = _model()
+    held = held_out_set(ShapesDataset(32), model.config, 3)
+    images = torch.stack(held.images)
+    N = model.config.num_patches
+    tokens = torch.randint(3, 200, (3, model.config.max_text_len))
+    with torch.no_grad():
+        features = model.encoder(images, torch.full((3,), N // 2))
+        whole = model.decoder.hidden_states(features, tokens)[:, N:]  # BOS, tokens 0 .. T-2 predict 0 .. T-1
+        for _ in range(2):
+            first, cache = model.decoder.start_decoding(features)
+            rows = [first] + [model.decoder.decode_next(tokens[:, k], cache) for k in range(tokens.shape[1] - 1)]
+            torch.testing.assert_close(torch.stack(rows, 1), whole[:, : tokens.shape[1]], rtol=1e-5, atol=1e-5)
+        model.decoder.decode_next(tokens[:, -1], cache)  # the last token's row: positions end here
+        with pytest.raises(ValueError, match="max_text_len"):
+            model.decoder.decode_next(tokens[:, 0], cache)
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["square", "native"])
 def test_predicted_pixels_keep_the_prefix_and_rescale_by_each_target_patch(native):
     model = _model(native)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from aimv2 import AIMv2Config, AIMv2Model
 from aimv2.metrics import MetricsLog, read_metrics
@@ -48,8 +49,9 @@ def test_bad_options_are_reported(tmp_path, capsys):
         parse_args(["--model", "no-equals-sign"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(SystemExit) as stop:  # one line and status 2, like the flags (tests/test_cli.py)
         parse_args(["--config", str(bad)])
+    assert stop.value.code == 2 and "unknown option(s) ['stepz']" in capsys.readouterr().err
 
 
 def test_weight_decay_groups():
@@ -67,6 +69,18 @@ def test_weight_decay_groups():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+    assert optimizer.defaults["foreach"] and not optimizer.defaults["fused"]  # CPU parameters
+
+
+def test_adamw_is_fused_for_cuda_parameters(monkeypatch):
+    """Plain CUDA parameters get the fused AdamW, anything else the multi-tensor one (decided from the
+    parameters alone, so a CPU machine can check it by posing as CUDA)."""
+    from aimv2 import optim
+
+    model = torch.nn.Linear(4, 4)
+    assert optim.update_kind(model) == {"foreach": True}
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert optim.update_kind(model) == {"fused": True}
 
 
 def test_warmup_cosine_schedule():

@@ -49,7 +49,7 @@ def test_native_options_need_native_resolution(tmp_path):
         small_config(tmp_path, max_tokens=64)
     with pytest.raises(ValueError, match="--compile does not combine"):
         small_config(tmp_path, native_resolution=True, compile=True)
-    with pytest.raises(ValueError, match="max_patches must be an integer >= 2"):
+    with pytest.raises(ValueError, match="--max-patches must be an integer >= 2"):
         small_config(tmp_path, native_resolution=True, max_patches=1)
 
 

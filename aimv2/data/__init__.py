@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .jsonl import JsonlCaptions
-from .loader import BatchKeys, CaptionDataset, SampleOrder, make_loader, micro_batch_size
+from .loader import BatchKeys, BrokenDataError, CaptionDataset, SampleOrder, make_loader, micro_batch_size
 from .packed import PackedBatches, PatchSamples
 from .synthetic import KINDS, ShapesDataset
 from .tokenizer import ByteTokenizer, load_tokenizer
@@ -35,7 +35,10 @@ def open_source(data: str, image_size: int, seed: int = 0, builtin_size: int = 1
         return JsonlCaptions(data)
     if data.endswith(".tar") or os.path.isdir(data):
         return TarShards(data)
-    raise ValueError(f"--data {data!r}: expected 'builtin', a .jsonl file, a .tar shard or a directory of shards")
+    expected = "expected 'builtin', a .jsonl file, a .tar shard or a directory of shards"
+    if os.path.exists(data) or os.path.splitext(data)[1]:  # a file of another kind
+        raise ValueError(f"--data {data!r}: {expected}")
+    raise FileNotFoundError(f"--data {data!r} does not exist ({expected})")
 
 
 def transform_for(source, image_size: int):
@@ -57,6 +60,7 @@ def native_transform_for(source, patch_size: int, max_patches: int):
 __all__ = [
     "BUILTIN",
     "BatchKeys",
+    "BrokenDataError",
     "ByteTokenizer",
     "CaptionDataset",
     "EvalTransform",

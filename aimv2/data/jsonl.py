@@ -47,6 +47,10 @@ class JsonlCaptions:
     def describe(self) -> str:
         return f"{len(self.samples)} samples from {self.path}"
 
+    def locate(self, index: int) -> str:
+        """Where sample `index` lives, for error messages: its image file."""
+        return self.samples[index][0]
+
     def load(self, index: int) -> tuple[Image.Image, str]:
         image_path, caption = self.samples[index]
         with Image.open(image_path) as image:

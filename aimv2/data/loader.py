@@ -30,6 +30,21 @@ MAX_CONSECUTIVE_FAILURES = 32
 _LOGGED_FAILURES_LIMIT = 10
 
 
+class BrokenDataError(RuntimeError):
+    """MAX_CONSECUTIVE_FAILURES samples in a row could not be read: the data, not one sample, is
+    broken. The message says which source and files, how many samples were tried and why the last
+    failed, on one line."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker's exception reaches the training process re-created from one string:
+        # "Caught BrokenDataError in DataLoader worker process 0. Original Traceback ...". Keep
+        # only our own line, its last line, so the command can print it as it is.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class SampleOrder:
     """Global sample position -> (epoch, index), with a fresh permutation per epoch."""
 
@@ -99,6 +114,7 @@ class CaptionDataset:
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
+        failures = []  # (sample index, exception)
         for attempt in range(MAX_CONSECUTIVE_FAILURES):
             i = (index + attempt) % len(self.source)
             try:
@@ -106,15 +122,23 @@ class CaptionDataset:
                 rng = np.random.default_rng([self.seed, epoch, i])
                 pixels = self.transform(image, rng)
             except Exception as exc:  # any decode/IO error of one sample: skip it, never the run
+                failures.append((i, exc))
                 if self._logged < _LOGGED_FAILURES_LIMIT:
                     self._logged += 1
                     log.warning("skipping unreadable sample %d: %s: %s", i, type(exc).__name__, exc)
                 continue
             tokens = self.tokenizer.encode_padded(caption, self.max_len)
             return {"image": pixels, "tokens": tokens, "skipped": attempt}
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_FAILURES} consecutive samples from index {index} could not be read; the data looks broken"
-        )
+        raise BrokenDataError(self._broken(failures))
+
+    def _broken(self, failures: list) -> str:
+        """One line: the source, the samples tried and where they live, and the last reason."""
+        first, last = failures[0][0], failures[-1][0]
+        locate = getattr(self.source, "locate", None)
+        where = f" ({locate(first)} .. {locate(last)})" if locate else ""
+        reason = " ".join(f"{type(failures[-1][1]).__name__}: {failures[-1][1]}".split())
+        return (f"the data looks broken: {len(failures)} consecutive samples could not be read, indices {first} to "
+                f"{last}{where} of {self.source.describe()}; the last failed with {reason}")
 
 
 def collate(samples: list[dict]) -> dict:

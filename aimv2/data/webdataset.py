@@ -100,6 +100,11 @@ class TarShards:
             raise OSError(f"short read in {self.shards[member.shard]!r} at byte {member.offset}")
         return data
 
+    def locate(self, index: int) -> str:
+        """Where sample `index` lives, for error messages: its shard and the image's byte offset."""
+        image = self.samples[index][0]
+        return f"{self.shards[image.shard]} at byte {image.offset}"
+
     def load(self, index: int) -> tuple[Image.Image, str]:
         image_member, caption_member, cap_ext = self.samples[index]
         caption = self._read(caption_member).decode("utf-8").strip()
