@@ -83,7 +83,8 @@ def empty_packed_grads(q: Tensor, grad_strides: list[int]) -> Tensor:
 # On the CPU, ATen's fused flash-attention kernels (forward with the log-sum-exp, and its backward)
 # with the prefix-causal mask given as an additive bias: no (B, H, S, S) scores in memory, and at the
 # tiny preset's shapes (B=64, H=2, S=64, D=32) 5-10x faster than the dense einsum path below, which
-# stays for other devices (the Triton and CUDA backends serve CUDA; this is their fallback).
+# stays for float64 (the checking dtype runs the reference's math) and for other devices (the Triton
+# and CUDA backends serve CUDA; this is their fallback).
 
 _cpu_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -101,9 +102,13 @@ def _cpu_flash_mask(q: Tensor, prefix_len: Optional[Tensor], causal: bool) -> di
     return {"is_causal": False, "attn_mask": bias}
 
 
+def _on_cpu_flash(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype != torch.float64
+
+
 @register("attention_fwd", "torch")
 def _attention_fwd_torch(q, k, v, prefix_len, causal, scale):
-    if q.device.type == "cpu":
+    if _on_cpu_flash(q):
         out, lse = _cpu_flash_fwd(q, k, v, 0.0, scale=scale, **_cpu_flash_mask(q, prefix_len, causal))
     else:
         out, lse = ref.prefix_causal_attention_with_lse(q, k, v, prefix_len, causal, scale)
@@ -117,7 +122,7 @@ def _attention_fwd_torch(q, k, v, prefix_len, causal, scale):
 def _attention_bwd_torch(dout, q, k, v, out, lse, prefix_len, causal, scale, grads=None):
     """Softmax-attention backward from the saved log-sum-exp. Writes into `grads` (dq, dk, dv) when
     given, else into tensors allocated like q, k, v; returns them."""
-    if q.device.type == "cpu":
+    if _on_cpu_flash(q):
         dq, dk, dv = _cpu_flash_bwd(dout, q, k, v, out, lse, 0.0, scale=scale, **_cpu_flash_mask(q, prefix_len, causal))
     else:
         dq, dk, dv = _attention_bwd_dense(dout, q, k, v, out, lse, prefix_len, causal, scale)
