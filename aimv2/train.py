@@ -235,13 +235,17 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One optimizer step. Returns the losses (weighted pixel, text: a (2,) float64 tensor) and the
+        gradient norm as device tensors, which `_read` brings to the host: nothing here waits for the
+        GPU except, with several processes, the global batch's counts."""
         cfg, info = self.cfg, self.info
         micro_batches = self.batches.next_step(self.step)
-        local = torch.tensor([sum(m.pixels for m in micro_batches), sum(m.words for m in micro_batches),
-                              sum(m.skipped for m in micro_batches), sum(m.images for m in micro_batches)],
-                             dtype=torch.float64, device=info.device)
-        # counted patches and caption tokens of the global batch, skipped samples, images
-        pixel_total, text_total, skipped, images = all_reduce_sum(local, info).tolist()
+        # counted patches and caption tokens of the global batch, skipped samples, images (host ints)
+        counts = [float(sum(m.pixels for m in micro_batches)), float(sum(m.words for m in micro_batches)),
+                  float(sum(m.skipped for m in micro_batches)), float(sum(m.images for m in micro_batches))]
+        if info.enabled:
+            counts = all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=info.device), info).tolist()
+        pixel_total, text_total, skipped, images = counts
         pixel_total, text_total = max(pixel_total, 1.0), max(text_total, 1.0)
 
         sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # weighted pixel, text losses
@@ -271,9 +275,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.skipped += int(skipped)
-        pixel, text = sums.tolist()
+        return {"losses": sums, "grad_norm": grad_norm, "lr": lr, "images": int(images)}
+
+    def _read(self, out: dict) -> dict:
+        """A step's metrics on the host (waits for the GPU): only at steps that log or checkpoint."""
+        pixel, text = out["losses"].tolist()
         return {"pixel_loss": pixel, "text_loss": text, "loss": self.model_config.alpha * pixel + text,
-                "lr": lr, "grad_norm": float(grad_norm), "images": int(images)}
+                "lr": out["lr"], "grad_norm": float(out["grad_norm"]), "images": out["images"]}
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save(self) -> str:
@@ -309,20 +317,25 @@ class Trainer:
         start_time = time.perf_counter()
         last_saved = self.step if cfg.resume else None
         stopped_by = None
+        # images and wall time since the last logged step: the host waits for the GPU only there
+        window_images, window_start = 0, time.perf_counter()
         with StopRequest() as stop:
             while self.step < cfg.steps:
-                t0 = time.perf_counter()
-                record = self.train_step()
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize(info.device)
-                dt = time.perf_counter() - t0
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
-                record = {"step": self.step, **record, "samples_per_s": record["images"] / dt,
-                          "elapsed_s": time.perf_counter() - start_time, "skipped": self.skipped}
+                out = self.train_step()
+                window_images += out["images"]
                 checkpoint_now = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-                if info.is_main and checkpoint_now:
-                    record.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or checkpoint_now:  # the same steps on every process
+                    record = self._read(out)  # waits for the step to finish
+                    now = time.perf_counter()
+                    if not math.isfinite(record["loss"]):
+                        raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
+                    record = {"step": self.step, **record, "images": window_images,
+                              "samples_per_s": window_images / max(now - window_start, 1e-9),
+                              "elapsed_s": now - start_time, "skipped": self.skipped}
+                    window_images = 0
+                    if info.is_main and checkpoint_now:
+                        record.update(self.evaluate())
+                    window_start = time.perf_counter()  # the evaluation's time is not the steps'
                 if info.is_main and (self.step % cfg.log_every == 0 or checkpoint_now):
                     self.metrics.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", pix=f"{record['pixel_loss']:.3f}", txt=f"{record['text_loss']:.3f}",

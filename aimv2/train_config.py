@@ -66,7 +66,7 @@ class TrainConfig:
     resume: str | None = _opt(None, "resume from a checkpoint file, or with no value from the latest one in --out", nargs="?", const="latest", metavar="PATH")
     ckpt_every: int = _opt(200, "save a checkpoint every N steps (and always at the end)")
     keep_checkpoints: int = _opt(3, "keep only the newest K checkpoints (0 keeps all)")
-    log_every: int = _opt(1, "write metrics every N steps")
+    log_every: int = _opt(1, "write metrics every N steps (only there does the host wait for the GPU and check the loss is finite)")
     eval_samples: int = _opt(256, "held-out samples whose greedy captions are scored at every checkpoint and at the end (0: off)")
     prediction_images: int = _opt(8, "held-out images drawn in predictions.png at every checkpoint and at the end (0: off)")
     progress: bool = _opt(True, "show a progress bar")

@@ -127,6 +127,37 @@ def test_training_on_tar_shards_counts_the_corrupt_sample(tmp_path):
     assert json.load(open(tmp_path / "run" / "config.json"))["model"]["max_text_len"] == 24  # the preset's T
 
 
+def test_a_step_reads_nothing_back_and_log_every_sets_where_the_host_waits(tmp_path, monkeypatch):
+    """train_step leaves its losses and gradient norm on the device (no .tolist(), float() or .item()
+    of a tensor: on a GPU each would wait for the step); the loop reads them at logged and checkpoint
+    steps only, and the logged record counts the images since the previous one."""
+    from aimv2 import train as train_module
+
+    reads = []
+    real_step = train_module.Trainer.train_step
+
+    def watching(name, real):
+        def read(t, *args):
+            caller = sys._getframe(1).f_code.co_filename  # ours, not torch's (CPU AdamW reads its step count)
+            if os.sep + "aimv2" in caller:
+                reads.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return real(t, *args)
+        return read
+
+    def watched_step(self):
+        with pytest.MonkeyPatch.context() as m:
+            for name in ("tolist", "item", "__float__"):
+                m.setattr(torch.Tensor, name, watching(name, getattr(torch.Tensor, name)))
+            return real_step(self)
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", watched_step)
+    train(small_config(tmp_path, steps=7, log_every=3, ckpt_every=100))
+    assert reads == []
+    records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [3, 6, 7]  # every 3rd step and the last
+    assert [r["images"] for r in records] == [24, 24, 8]
+
+
 def test_metrics_records_have_the_documented_fields(tmp_path):
     summary = train(small_config(tmp_path, steps=2, ckpt_every=5, eval_samples=20))
     first, last = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
