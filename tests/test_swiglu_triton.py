@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import aimv2_kernels as ak
 from aimv2_kernels import reference as ref
 from aimv2_kernels.backend import resolve
-from aimv2_kernels.triton_kernels import swiglu as kernels
+from aimv2_kernels.triton_backend import swiglu as kernels
 from helpers import TOLERANCE, assert_close, rel_err
 from test_rms_norm_triton import spy_launches, triton_backend  # noqa: F401 (autouse fixture)
 
@@ -123,6 +123,18 @@ def test_module_keys_and_output(launches, device):
     eager = mlp.fc2(F.silu(mlp.fc1(x)) * mlp.fc3(x))
     assert_close(mlp(x), eager, 3e-5, "module")
     assert launches["_swiglu_fwd_kernel"]
+
+
+def test_module_gradients_equal_the_two_linear_mlp(device):
+    """fc1 and fc3 as one GEMM: output and every gradient (x, fc1, fc3, fc2, biases) as the
+    unfused fc2(silu(fc1(x)) * fc3(x)), in float64."""
+    mlp = ak.nn.SwiGLU(12, 20, bias=True).to(device, torch.float64)
+    x = torch.randn(3, 7, 12, device=device, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(3, 7, 12, device=device, dtype=torch.float64)
+    ours = torch.autograd.grad(mlp(x), [x, *mlp.parameters()], dout)
+    unfused = torch.autograd.grad(mlp.fc2(F.silu(mlp.fc1(x)) * mlp.fc3(x)), [x, *mlp.parameters()], dout)
+    for name, a, b in zip(["x", *dict(mlp.named_parameters())], ours, unfused):
+        assert_close(a, b, 1e-12, name)
 
 
 # ---- GPU: bf16 and real sizes ------------------------------------------------------------------
