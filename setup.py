@@ -40,9 +40,9 @@ class BuildPyWithSources(build_py):
 
 
 def _cuda_ext_module():
-    """aimv2_kernels/cuda_ext.py, loaded by path (importing the package would need its dependencies):
+    """aimv2_kernels/cuda_backend/ext.py, loaded by path (importing the package would need its dependencies):
     it holds the source list and the compiler flags shared with the first-use build."""
-    spec = importlib.util.spec_from_file_location("_aimv2_cuda_ext", os.path.join("aimv2_kernels", "cuda_ext.py"))
+    spec = importlib.util.spec_from_file_location("_aimv2_cuda_ext", os.path.join("aimv2_kernels", "cuda_backend", "ext.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -9,6 +9,8 @@
 Every op is a `torch.library` custom op (namespace `aimv2_kernels`) with a pure-PyTorch reference in
 `aimv2_kernels.reference`; `set_backend` / `use_backend` pick the implementation.
 """
+# The backends first: each registers (torch) or declares (triton, cuda) itself in the registry.
+from . import cuda_backend, torch_backend, triton_backend  # noqa: F401
 from . import nn, reference
 from .backend import available_backends, get_backend, set_backend, unavailable_reason, use_backend
 from .ops.attention import prefix_causal_attention

@@ -4,16 +4,21 @@ Every public op is one `torch.library` custom op (see `aimv2_kernels/ops/`). Its
 for an implementation of a named *kernel* ("rms_norm_fwd", "swiglu_bwd", ...) for the tensors' device.
 Backends register implementations under those names:
 
-    "torch"   the pure-PyTorch reference (always present; the CPU path)
-    "triton"  Triton kernels in `aimv2_kernels/triton_kernels/` (CUDA tensors, or CPU tensors when
+    "torch"   `aimv2_kernels/torch_backend/`: PyTorch (always present; the CPU path)
+    "triton"  `aimv2_kernels/triton_backend/`: Triton kernels (CUDA tensors, or CPU tensors when
               TRITON_INTERPRET=1, which runs the real kernels in Triton's interpreter)
-    "cuda"    the compiled csrc/ extension (CUDA tensors only)
+    "cuda"    `aimv2_kernels/cuda_backend/`: the compiled csrc/ extension (CUDA tensors only)
     "auto"    not an implementation: picks per kernel the fastest available one for the device
+
+This module is the ground floor: it imports nothing of the project but auto_table. Each backend package declares
+itself here when it is imported (`declare`: how to ask whether it can run on this machine, and how to
+load its kernels, which then `register` themselves); the package facade imports all three.
 
 Resolution for a kernel and a device:
   * CPU tensors run "torch", except that an explicit "triton" choice runs the interpreter when
     TRITON_INTERPRET=1. A CPU tensor never reaches a compiled GPU kernel.
-  * CUDA tensors with "auto" try `AUTO_ORDER` (per kernel, from benchmark measurements), then "torch".
+  * CUDA tensors with "auto" try the backend the card's measured table (auto_table.py) names for
+    the op, dtype and size class of the call, then `AUTO_ORDER` (a fixed order), then "torch".
   * CUDA tensors with an explicit backend use it; a kernel that backend does not implement falls back
     along "cuda" -> "triton" -> "torch" (e.g. attention has no CUDA C++ kernel). An explicit backend
     that cannot run at all on this machine is an error, not a silent downgrade.
@@ -24,14 +29,13 @@ and `use_backend` for a `with` block (thread-local override).
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
 import os
-import pkgutil
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
+
+from .auto_table import measured_choice, size_class
 
 BACKEND_NAMES = ("triton", "cuda", "torch", "auto")
 _ENV_VAR = "AIMV2_KERNELS_BACKEND"
@@ -117,30 +121,29 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def _triton_status() -> str | None:
-    """None when the Triton backend can be used, else the reason it cannot."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not importable ({exc})"
-    if not (torch.cuda.is_available() or interpreter_enabled()):
-        return "no CUDA device and TRITON_INTERPRET is not 1"
-    _import_package("aimv2_kernels.triton_kernels")
-    return None
+# backend name -> (status: () -> None or why it cannot run here, load: () -> None), from `declare`
+_DECLARED: dict[str, tuple[Callable[[], str | None], Callable[[], None]]] = {}
+_loaded: set[str] = set()
 
 
-def _cuda_status() -> str | None:
-    """None when the compiled CUDA extension is loaded, else the reason it is not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        from aimv2_kernels import cuda_ext
-    except ImportError as exc:
-        return f"the CUDA backend module is missing ({exc})"
-    reason = cuda_ext.load_status()
-    if reason is None:
-        importlib.import_module("aimv2_kernels.cuda_backend")  # a plug-in: registers its kernels here
+def declare(name: str, status: Callable[[], str | None], load: Callable[[], None]) -> None:
+    """Called by a backend package ("triton", "cuda") when it is imported. `status()` says why the
+    backend cannot run on this machine (None: it can); `load()` imports its kernel modules, whose
+    `register` calls fill the registry. The registry loads a backend the first time it is asked
+    about one that can run."""
+    _DECLARED[name] = (status, load)
+    _loaded.discard(name)
+
+
+def _status(name: str) -> str | None:
+    declared = _DECLARED.get(name)
+    if declared is None:
+        return f"the {name} backend package was not imported (import aimv2_kernels)"
+    status, load = declared
+    reason = status()
+    if reason is None and name not in _loaded:
+        load()
+        _loaded.add(name)
     return reason
 
 
@@ -149,7 +152,7 @@ def unavailable_reason(name: str) -> str | None:
     _check_name(name)
     if name in ("torch", "auto"):
         return None
-    return _triton_status() if name == "triton" else _cuda_status()
+    return _status(name)
 
 
 def available_backends() -> list[str]:
@@ -157,11 +160,10 @@ def available_backends() -> list[str]:
     return [name for name in ("triton", "cuda", "torch") if unavailable_reason(name) is None]
 
 
-def _import_package(package: str) -> None:
-    """Import every module of a backend package so their @register decorators run."""
-    pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{package}.{info.name}")
+def fallback(kernel: str) -> Callable:
+    """The "torch" implementation of `kernel`: what a backend runs for an input its kernel cannot
+    take (asked through the registry, so no backend imports another)."""
+    return _REGISTRY[kernel]["torch"]
 
 
 # (kernel, device type, chosen backend) -> the backend name `_resolve` picked. Every op call resolves
@@ -172,26 +174,40 @@ def _import_package(package: str) -> None:
 _resolved: dict[tuple[str, str, str], str] = {}
 
 
-def resolve(kernel: str, device: torch.device) -> tuple[str, Callable]:
-    """Pick (backend name, implementation) of `kernel` for tensors on `device`."""
+def resolve(kernel: str, device: torch.device, example: Optional[torch.Tensor] = None) -> tuple[str, Callable]:
+    """Pick (backend name, implementation) of `kernel` for tensors on `device`. `example`: the call's
+    first tensor argument; under "auto" on a card with a measured table (auto_table.py) its dtype
+    and size class choose the row."""
     chosen = get_backend()
-    key = (kernel, device.type, chosen)
+    if chosen == "auto" and example is not None and device.type == "cuda":
+        key = (kernel, "cuda", chosen, device.index, example.dtype, size_class(example.numel()))
+    else:
+        key = (kernel, device.type, chosen)
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(kernel, device, chosen)[0]
+        name = _resolved[key] = _resolve(kernel, device, chosen, example)[0]
     return name, _REGISTRY[kernel][name]
 
 
-def _resolve(kernel: str, device: torch.device, chosen: str) -> tuple[str, Callable]:
+def _measured(kernel: str, device: torch.device, example: Optional[torch.Tensor]) -> tuple[str, ...]:
+    """The backend this card's measured table picks for the call, as a 0- or 1-tuple."""
+    if example is None:
+        return ()
+    card = torch.cuda.get_device_name(device)
+    choice = measured_choice(kernel, card, str(example.dtype).removeprefix("torch."), example.numel())
+    return (choice,) if choice else ()
+
+
+def _resolve(kernel: str, device: torch.device, chosen: str, example: Optional[torch.Tensor] = None) -> tuple[str, Callable]:
     impls = _REGISTRY.get(kernel)
     if not impls or "torch" not in impls:
         raise KeyError(f"no reference implementation registered for kernel {kernel!r}")
     if device.type != "cuda":
-        if chosen == "triton" and interpreter_enabled() and _triton_status() is None and "triton" in impls:
+        if chosen == "triton" and interpreter_enabled() and unavailable_reason("triton") is None and "triton" in impls:
             return "triton", impls["triton"]
         return "torch", impls["torch"]
     if chosen == "auto":
-        candidates = AUTO_ORDER.get(kernel, _DEFAULT_AUTO_ORDER) + ("torch",)
+        candidates = _measured(kernel, device, example) + AUTO_ORDER.get(kernel, _DEFAULT_AUTO_ORDER) + ("torch",)
         for name in candidates:
             # Availability first: asking loads the backend, which registers its implementations.
             if unavailable_reason(name) is None and name in impls:

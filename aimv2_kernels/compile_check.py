@@ -15,7 +15,7 @@ result of one feeding the next, as in attention) gets its warps along rows only,
 warpgroup recomputes what the first computes (sm_80's mma.sync can do the same along columns). The
 layout says so before any GPU run does.
 
-Kernel modules in `aimv2_kernels/triton_kernels/` take part by defining
+Kernel modules in `aimv2_kernels/triton_backend/` take part by defining
 
     def compile_configs() -> list[KernelConfig]: ...
 
@@ -32,34 +32,9 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Callable
 
-
-@dataclasses.dataclass
-class KernelConfig:
-    """One kernel at one launch configuration."""
-
-    label: str  # e.g. "rms_norm_fwd D=1024 bf16"
-    kernel: Any  # the @triton.jit function
-    signature: dict[str, str]  # argument name -> Triton type ("*bf16", "i32", "fp32", "constexpr")
-    constexprs: dict[str, Any]  # values of the constexpr arguments
-    num_warps: int = 4
-    num_stages: int = 3
-    hot: bool = True  # a spill here fails the check
-    # Arguments a real launch sees as multiples of 16 (Triton specializes on this, which enables
-    # 128-bit accesses and changes register use). None: every pointer argument, as torch allocations
-    # are 16-byte aligned; name integer strides/sizes here too when the launcher's real sizes are.
-    divisible_by_16: tuple[str, ...] | None = None
-    # SM versions this entry is for (a launcher whose configs differ per architecture registers one
-    # entry per arch); None: every arch checked.
-    arches: tuple[int, ...] | None = None
-
-    def attrs(self) -> dict:
-        names = self.divisible_by_16
-        if names is None:
-            names = tuple(n for n, t in self.signature.items() if t.startswith("*"))
-        arg_names = self.kernel.arg_names
-        return {(arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+from .triton_backend.kernel_config import KernelConfig
 
 
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100
@@ -228,7 +203,7 @@ def compile_one(config: KernelConfig, arch: int) -> CompileResult:
     return result
 
 
-def collect_configs(package: str = "aimv2_kernels.triton_kernels") -> list[KernelConfig]:
+def collect_configs(package: str = "aimv2_kernels.triton_backend") -> list[KernelConfig]:
     """The compile configs of every kernel module in `package` (modules without one are skipped)."""
     pkg = importlib.import_module(package)
     configs: list[KernelConfig] = []

@@ -1,4 +1,4 @@
-"""python -m benchmarks [--suite NAME]... [--quick] [--out DIR] [--list]"""
+"""python -m benchmarks [--suite NAME]... [--quick] [--out DIR] [--list] [--write-auto-table]"""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,10 @@ def _parse(argv):
     parser.add_argument("--out", metavar="DIR",
                         help="write results.md, results.csv, results.json and results.png into DIR")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
+    parser.add_argument("--write-auto-table", action="store_true",
+                        help="GPU only: run the CUDA C++ tests, then the suites of the table (default: norm, swiglu, "
+                             "attention, varlen), and write what each measured fastest into "
+                             "aimv2_kernels/auto_tables/<card>.json, which backend 'auto' then follows")
     return parser.parse_args(argv)
 
 
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
     from . import SUITES
+    from .auto_table import TABLE_SUITES, choices, run_cuda_tests, write
     from .harness import Context, Result, configure_compile, environment, measure_card
     from .report import fill_speedups, markdown, write_outputs
     from .targets import Verdict
@@ -43,7 +48,12 @@ def main(argv=None) -> int:
         for name, module in SUITES.items():
             print(f"{name:10s} {module.__doc__.strip().splitlines()[0]}")
         return 0
-    names = [n for item in args.suite for n in item.split(",") if n] or list(SUITES)
+    if args.write_auto_table and not cuda:
+        print("python -m benchmarks: error: --write-auto-table needs a CUDA GPU (it records what ran fastest on the "
+              "card)", file=sys.stderr)
+        return 2
+    default = list(TABLE_SUITES) if args.write_auto_table else list(SUITES)
+    names = [n for item in args.suite for n in item.split(",") if n] or default
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"python -m benchmarks: error: --suite: unknown suite(s) {', '.join(unknown)}; expected some of "
@@ -62,6 +72,9 @@ def main(argv=None) -> int:
     env = dict(environment(device), command=command)  # the command too: rows of many runs get pooled
     print(f"{env['gpu']}: copy {card.copy_gbps:.0f} GB/s, matmul {card.matmul_tflops:.1f} TFLOP/s", flush=True)
 
+    cuda_tests = run_cuda_tests() if args.write_auto_table else ""
+    if args.write_auto_table:
+        print(f"CUDA C++ tests: {cuda_tests}", flush=True)
     results: list[Result] = []
     done: list[tuple[str, float, list[Verdict]]] = []
 
@@ -92,6 +105,10 @@ def main(argv=None) -> int:
         done.append((name, time.time() - start, module.targets(suite_results)))
         text = publish([])
     print("\n" + text)
+    if args.write_auto_table:
+        rows = choices(results, cuda_tests)
+        path = write(env["gpu"], env, rows, cuda_tests)
+        print(f"auto table: {len(rows)} choices (CUDA C++ tests: {cuda_tests}) written to {path}")
     return 0
 
 

@@ -151,7 +151,7 @@ def cases(ctx: Context, modes=(FWD, FWD_BWD)) -> list[Case]:
                 return FLOPS_PER_PAIR[mode] * D * visible_pairs(prefix, H, S, p.mask or "prefix")
 
             out.append(Case(NAME, "prefix_attention", mode, f"B{B} H{H} S{S} D{D}", S, make, flops, "TFLOP/s", "matmul",
-                            dtype=dtype))
+                            dtype=dtype, elements=B * S * H * D))
     return out
 
 

@@ -277,6 +277,8 @@ class Case:
     unit: str
     roof: Optional[str] = None  # "copy" or "matmul": which measured rate the metric is a fraction of
     dtype: Optional[torch.dtype] = None
+    # elements of the op's first tensor argument (x, gate, q): the size class "auto" reads (auto_table.py)
+    elements: Optional[int] = None
 
 
 @dataclass
@@ -296,6 +298,7 @@ class Result:
     roof_frac: Optional[float] = None  # metric / the card's measured copy or matmul rate
     peak_mib: Optional[float] = None
     speedup: Optional[float] = None  # ours: best comparable alternative's ms / ours (filled by report)
+    elements: Optional[int] = None  # the case's: the size class "auto" reads
     extra: dict = field(default_factory=dict)  # suite-specific columns (step: batch, MFU)
     note: str = ""
 
@@ -338,7 +341,7 @@ def rowwise_cases(ctx: Context, suite: str, op: str, sizes: tuple[int, Sequence[
         for mode, arrays in arrays_moved.items():
             nbytes = arrays * rows * hidden * elem
             out.append(Case(suite, op, mode, f"{rows}x{hidden}", hidden, inputs, lambda _p, n=nbytes: n, "GB/s", "copy",
-                            dtype=dtype))
+                            dtype=dtype, elements=rows * hidden))
     return out
 
 
@@ -386,6 +389,7 @@ def run_case(ctx: Context, case: Case, provider: Provider) -> Result:
     """Time one provider on one case; a failure (out of memory, compile error) becomes a note."""
     result = Result(case.suite, case.op, case.mode, case.size, case.x, provider.name, provider.ours,
                     provider.comparable, unit=case.unit, dtype=dtype_name(case.dtype), note=provider.note)
+    result.elements = case.elements
     if provider.skip:
         result.note = provider.skip
         return result

@@ -8,7 +8,8 @@ folder of at most 8 files, and `scripts/gpu_check.py` reads results.json from he
 results.json is one object:
 - "env": card name, versions, commit, time and command (what every CSV row repeats);
 - "card": the roofs measured at the start of the run (copy_gbps, matmul_tflops, l2_mib);
-- "records": one per (case, provider): suite, op, mode, provider, shape, dtype, ms, metric, unit,
+- "records": one per (case, provider): suite, op, mode, provider, shape, dtype, elements (of the op's
+  first tensor argument, or null), ms, metric, unit,
   roof_frac, peak_mib, ours, comparable, ratio_to, extra, note. ratio_to, on our rows only: every
   other provider measured on the same case -> its ms / ours (> 1: ours is faster);
 - "targets": one per SPEC section 6 check: suite, label, value (worst over sizes), threshold,
@@ -156,7 +157,7 @@ def ratios_to_others(r: Result, rows: Sequence[Result]) -> dict[str, float]:
 def record(r: Result, rows: Sequence[Result]) -> dict:
     return {
         "suite": r.suite, "op": r.op, "mode": r.mode, "provider": r.provider, "shape": r.size, "dtype": r.dtype,
-        "ms": _finite(r.ms), "metric": _finite(r.metric), "unit": r.unit, "roof_frac": _finite(r.roof_frac),
+        "elements": r.elements, "ms": _finite(r.ms), "metric": _finite(r.metric), "unit": r.unit, "roof_frac": _finite(r.roof_frac),
         "peak_mib": _finite(r.peak_mib), "ours": r.ours, "comparable": r.comparable,
         "ratio_to": {k: _finite(v) for k, v in ratios_to_others(r, rows).items()},
         "extra": dict(r.extra), "note": r.note,

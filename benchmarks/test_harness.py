@@ -18,7 +18,7 @@ from benchmarks.targets import Verdict, memory_ratio, speedup_vs
 HAS_CUDA = torch.cuda.is_available()
 
 
-RECORD_FIELDS = {"suite", "op", "mode", "provider", "shape", "dtype", "ms", "metric", "unit", "roof_frac", "peak_mib",
+RECORD_FIELDS = {"suite", "op", "mode", "provider", "shape", "dtype", "elements", "ms", "metric", "unit", "roof_frac", "peak_mib",
                  "ours", "comparable", "ratio_to", "extra", "note"}
 TARGET_FIELDS = {"suite", "label", "value", "threshold", "sense", "met", "sizes", "informational", "line"}
 ENV = {"time": "t", "gpu": "g", "torch": "1", "cuda": "-", "triton": "3", "python": "3", "aimv2_kernels": "0",

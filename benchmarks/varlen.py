@@ -195,7 +195,7 @@ def cases(ctx: Context, modes=(FWD, FWD_BWD)) -> list[Case]:
         for mode in modes:
             out.append(Case(NAME, OP, mode, size, batch.tokens, make,
                             lambda _p, mode=mode, D=D, pairs=pairs: FLOPS_PER_PAIR[mode] * D * pairs,
-                            "TFLOP/s", "matmul", dtype=dtype))
+                            "TFLOP/s", "matmul", dtype=dtype, elements=batch.tokens * H * D))
     return out
 
 

@@ -2,7 +2,7 @@
 // forward and a deterministic backward, written with CuTe on Ampere's tensor-core instructions.
 //
 // Key j is visible to query i of sample b iff (not causal) or j <= i or j < prefix_len[b]. As in the
-// Triton kernels (aimv2_kernels/triton_kernels/attention.py) everything reduces to one number per
+// Triton kernels (aimv2_kernels/triton_backend/attention.py) everything reduces to one number per
 // sample, the visible prefix P in [0, S] (non-causal: P = S; plain causal: P = 0), and the S x S mask
 // is never built: each (query tile, key tile) pair is classified as
 //   skipped   no visible pair: never loaded, never computed;

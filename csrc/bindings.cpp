@@ -2,7 +2,7 @@
 //
 // They are backend-specific ops, not the public ones: the public custom ops (aimv2_kernels::rms_norm,
 // ...) are defined in Python (aimv2_kernels/ops/) and ask the backend registry for an implementation;
-// aimv2_kernels/cuda_backend.py registers these ops there, and holds their fake (meta) kernels.
+// aimv2_kernels/cuda_backend/kernels.py registers these ops there, and holds their fake (meta) kernels.
 // Loading the library (as the module aimv2_kernels._C, or through the first-use build) registers them.
 #include <Python.h>
 #include <torch/library.h>
@@ -10,7 +10,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
-  m.set_python_module("aimv2_kernels.cuda_backend");
+  m.set_python_module("aimv2_kernels.cuda_backend.kernels");
   m.def("cuda_rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("cuda_rms_norm_residual_fwd(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual) -> (Tensor, Tensor)");

@@ -1,5 +1,5 @@
 // Cross-entropy rows: the per-token part of the chunked linear cross-entropy
-// (aimv2_kernels/ops/linear_ce_chunks.py, whose `ce_rows_torch` is the contract). For one chunk of
+// (aimv2_kernels/linear_ce_chunks.py, whose `ce_rows_torch` is the contract). For one chunk of
 // float32 logits x (c, V), optional bias b (V,), labels y (c,) and scale = 1 / max(n_counted, 1):
 //
 //   lse_i     = log sum_j exp(x_ij + b_j)                   online: one pass over the row

@@ -44,7 +44,7 @@ at::Tensor patch_mse_bwd(const at::Tensor& dloss, const at::Tensor& pred, const 
                          const std::optional<at::Tensor>& mask, bool norm_pix, double eps);
 
 // The rows of one chunk of the linear cross-entropy (contract: ce_rows_torch in
-// aimv2_kernels/ops/linear_ce_chunks.py): logits float32 (c, V) with unit column stride; bias (V,) or
+// aimv2_kernels/linear_ce_chunks.py): logits float32 (c, V) with unit column stride; bias (V,) or
 // none, any supported float dtype, any stride; labels (c,) int64/int32, any stride; scale a float32
 // scalar on the device. Writes loss_out (c,) float32 and, when given, dlogits_out (c, V) in a
 // supported float dtype, which may be logits itself (in place). Returns nothing; no host sync.

@@ -19,7 +19,7 @@ NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
 [ -x "$NVCC" ] || { echo "check_cuda_sources: nvcc not found at $NVCC" >&2; exit 1; }
 
 # Include paths, torch's own nvcc flags, the C++ standard torch builds extensions with, the ABI, and
-# the project's flags (aimv2_kernels/cuda_ext.py, shared with setup.py and the first-use build).
+# the project's flags (aimv2_kernels/cuda_backend/ext.py, shared with setup.py and the first-use build).
 settings=$(python - <<'PY'
 import importlib.util
 import inspect
@@ -28,7 +28,7 @@ import sysconfig
 import torch
 from torch.utils import cpp_extension
 
-spec = importlib.util.spec_from_file_location("cuda_ext", "aimv2_kernels/cuda_ext.py")
+spec = importlib.util.spec_from_file_location("cuda_ext", "aimv2_kernels/cuda_backend/ext.py")
 cuda_ext = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cuda_ext)
 # The standard torch's extension builder passes when the project passes none (as it does not).

@@ -189,7 +189,7 @@ print("ENV " + json.dumps(info))
 PROBE_BACKENDS = r"""
 import json
 import aimv2_kernels as ak
-from aimv2_kernels.cuda_ext import load_status
+from aimv2_kernels.cuda_backend.ext import load_status
 print("BACKENDS " + json.dumps({"available": ak.available_backends(), "cuda": load_status() or "ok"}))
 """
 

@@ -152,7 +152,7 @@ class AttentionPath:
         capability = torch.cuda.get_device_capability()
         if not self.runs_on(capability):
             return f"needs {self.needs}, this GPU is {capability}"
-        from aimv2_kernels import cuda_ext
+        from aimv2_kernels.cuda_backend import ext as cuda_ext
 
         reason = cuda_ext.load_status()
         if reason is not None:

@@ -27,10 +27,10 @@ import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
 from aimv2_kernels.backend import interpreter_enabled
-from aimv2_kernels.ops import attention as attention_ops
-from aimv2_kernels.triton_kernels import attention as common
-from aimv2_kernels.triton_kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
-from aimv2_kernels.triton_kernels.attention_fwd import attention_fwd_kernel
+from aimv2_kernels import layouts
+from aimv2_kernels.triton_backend import attention as common
+from aimv2_kernels.triton_backend.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from aimv2_kernels.triton_backend.attention_fwd import attention_fwd_kernel
 from tests.helpers import rel_err
 
 B, H = 3, 2
@@ -99,7 +99,7 @@ def _poisoned_outputs(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch, "empty", poisoned(torch.empty))
         m.setattr(torch, "empty_like", poisoned(torch.empty_like))
-        m.setattr(attention_ops, "empty_bshd_output", poisoned(attention_ops.empty_bshd_output))
+        m.setattr(layouts, "empty_bshd_output", poisoned(layouts.empty_bshd_output))
         yield
 
 

@@ -11,7 +11,7 @@ import torch
 import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
-from aimv2_kernels.triton_kernels.common import poisoned_outputs
+from aimv2_kernels.triton_backend.common import poisoned_outputs
 from tests.helpers import TOLERANCE, assert_close
 
 B, H, D = 2, 3, 16

@@ -14,9 +14,9 @@ import triton.language as tl
 import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
-from aimv2_kernels.triton_kernels import attention as common
-from aimv2_kernels.triton_kernels.attention import key_ranges, query_ranges, visible_prefix
-from aimv2_kernels.triton_kernels.common import poisoned_outputs
+from aimv2_kernels.triton_backend import attention as common
+from aimv2_kernels.triton_backend.attention import key_ranges, query_ranges, visible_prefix
+from aimv2_kernels.triton_backend.common import poisoned_outputs
 from tests.helpers import TOLERANCE, assert_close
 
 B, H = 2, 3
@@ -272,7 +272,7 @@ def test_prefix_values_do_not_change_the_launch_signature(triton_calls, monkeypa
     """Every kernel launch of forward and backward gets the same non-tensor arguments and constexprs
     whatever the prefix values (none, all visible, beyond S, mixed): a launcher that turned a value
     into a constexpr or a branch (say, no prefix when all are 0) would recompile on a GPU and fail here."""
-    from aimv2_kernels.triton_kernels import attention_bwd, attention_fwd
+    from aimv2_kernels.triton_backend import attention_bwd, attention_fwd
 
     S = 67
     q, k, v = (t.requires_grad_() for t in torch.randn(3, B, H, S, 32).unbind(0))
@@ -333,8 +333,8 @@ def _compiled_kernels(*kernels) -> int:
 def test_gpu_prefix_values_do_not_recompile(triton_calls):
     """Counts real compilations: new prefix values (none visible, all, mixed) add none, while a launch
     that must compile (causal=False changes a constexpr) adds some, so the count is known to see them."""
-    from aimv2_kernels.triton_kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
-    from aimv2_kernels.triton_kernels.attention_fwd import attention_fwd_kernel
+    from aimv2_kernels.triton_backend.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+    from aimv2_kernels.triton_backend.attention_fwd import attention_fwd_kernel
 
     kernels = (attention_fwd_kernel, attention_bwd_dkdv_kernel, attention_bwd_dq_kernel)
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 2, 2, 256, 64, device="cuda", dtype=torch.bfloat16).unbind(0))

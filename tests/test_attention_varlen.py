@@ -17,7 +17,7 @@ import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
 from aimv2_kernels.ops import attention_varlen
-from aimv2_kernels.triton_kernels.common import poisoned_outputs
+from aimv2_kernels.triton_backend.common import poisoned_outputs
 
 H, D = 2, 16
 VARLEN_KERNELS = ("attention_varlen_fwd", "attention_varlen_bwd")
@@ -206,7 +206,7 @@ def test_larger_max_seqlen_changes_nothing(impl, device):
     _assert_launched(impl, backward=False)
 
 
-def test_backend_choice_resolves_to_triton_kernels(device):
+def test_backend_choice_resolves_to_triton_backend(device):
     # Triton implements the varlen op, the CUDA extension does not: on CUDA tensors every choice runs
     # Triton ("cuda" falls back to it, "auto" prefers it); CPU tensors reach it only when "triton" is
     # chosen explicitly under the interpreter, and run the reference otherwise.
@@ -324,7 +324,7 @@ def test_bad_input_is_named(kwargs, error, words):
 def test_first_candidate_of_each_arch_table(impl, device, kernel, arch):
     """The VARLEN kernels at the config a GPU runs first (the one compile_check checks for varlen),
     D = 128, in fp32 in the interpreter: sequences shorter than, across and longer than one tile."""
-    from aimv2_kernels.triton_kernels import attention as common
+    from aimv2_kernels.triton_backend import attention as common
 
     lengths = CASES["long_among_short"]
     cu, T = _cu(lengths, device), sum(lengths)

@@ -64,9 +64,9 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
     seen = []
     real = backend.resolve
 
-    def spy(kernel, device):
+    def spy(kernel, device, example=None):
         seen.append((kernel, backend.get_backend()))
-        return real(kernel, device)
+        return real(kernel, device, example)
 
     monkeypatch.setattr("aimv2_kernels.ops.swiglu.resolve", spy)
     ak.set_backend("auto")

@@ -79,7 +79,7 @@ def test_a_config_over_the_shared_memory_limit_fails():
 
 
 def test_every_attention_kernel_has_a_first_candidate_for_every_dtype_and_head_dim():
-    from aimv2_kernels.triton_kernels.attention import KERNEL_HEAD_DIMS, candidate_configs
+    from aimv2_kernels.triton_backend.attention import KERNEL_HEAD_DIMS, candidate_configs
 
     for kernel in ("fwd", "dkdv", "dq"):
         for head_dim in KERNEL_HEAD_DIMS:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import aimv2_kernels as ak
-from aimv2_kernels import backend, cuda_ext
+from aimv2_kernels import backend
+from aimv2_kernels.cuda_backend import ext as cuda_ext
 from aimv2_kernels import reference as ref
 from helpers import assert_close
 
@@ -41,7 +42,7 @@ def test_first_use_build_targets_sm_90a_on_hopper(monkeypatch):
 
 
 def test_inputs_the_compiled_attention_does_not_take():
-    from aimv2_kernels.cuda_attention import unsupported_reason
+    from aimv2_kernels.cuda_backend.attention import unsupported_reason
 
     q = torch.randn(2, 3, 8, 64, dtype=torch.bfloat16)
     assert "float16 and bfloat16" in unsupported_reason(q.float(), q.float(), q.float())
@@ -57,7 +58,7 @@ class _FakeHopper:
     are multiples of 16 bytes), so the routing in cuda_attention is tested without a GPU."""
 
     def __init__(self, monkeypatch, sm90_error=None, capability=(9, 0), has_code=True):
-        from aimv2_kernels import cuda_attention
+        from aimv2_kernels.cuda_backend import attention as cuda_attention
 
         self.calls, self.sm90_error, self.has_code = [], sm90_error, has_code
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
@@ -97,7 +98,7 @@ def test_broadcast_inputs_and_dout_reach_the_kernels_dense(monkeypatch):
     """dout of `.sum()` (all strides 0), of `(out * w).sum()` (strides (0, 0, 0, 1)) and q, k, v
     expanded over heads are made dense for the kernels, never sent to them as they are (sm_90's TMA
     and the sm_80 checks refuse stride 0) nor to a slower backend."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     fake = _FakeHopper(monkeypatch)
     q = _bf16(2, 1, 9, 64).expand(2, 3, 9, 64)  # one head broadcast to three: stride 0 over H
@@ -109,7 +110,7 @@ def test_broadcast_inputs_and_dout_reach_the_kernels_dense(monkeypatch):
 
 
 def test_batch_or_heads_past_the_sm90_grid_run_the_sm80_kernels(monkeypatch):
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     fake = _FakeHopper(monkeypatch)
     monkeypatch.setattr(cuda_attention, "SM90_MAX_GRID_YZ", 2)  # stands for 65535 without the memory
@@ -122,7 +123,7 @@ def test_batch_or_heads_past_the_sm90_grid_run_the_sm80_kernels(monkeypatch):
 def test_only_a_build_without_sm90a_code_demotes_the_device(monkeypatch):
     """An sm_90 error for another reason (the first call made during CUDA-graph capture mentions
     "sm_90a code" too) surfaces; only the launcher's no-sm_90a-code error moves the device to sm_80."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     q = _bf16(1, 2, 5, 64)
     _FakeHopper(monkeypatch, sm90_error="the first sm_90 attention call on a device must run outside CUDA "
@@ -140,7 +141,7 @@ def test_only_a_build_without_sm90a_code_demotes_the_device(monkeypatch):
 def test_a_card_the_build_has_no_code_for_runs_the_next_backend(monkeypatch):
     """A Blackwell card under the default "8.0;9.0a" build: no compiled kernel is launched; the call goes
     to the next backend with the reason."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     fake = _FakeHopper(monkeypatch, capability=(10, 0), has_code=False)
     chosen = []
@@ -154,7 +155,7 @@ def test_a_first_call_during_graph_capture_runs_the_sm80_kernels(monkeypatch):
     """The Hopper path checks once, synchronously, that the library has sm_90a code: illegal during
     capture. A first call made while capturing takes the sm_80 kernels; once a Hopper call has run
     outside capture, captured calls take the Hopper kernels too."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     fake = _FakeHopper(monkeypatch)
     q = _bf16(1, 2, 5, 64)
@@ -168,7 +169,7 @@ def test_a_first_call_during_graph_capture_runs_the_sm80_kernels(monkeypatch):
 def test_empty_batch_or_heads_launch_nothing(monkeypatch, shape):
     """B or H of 0 reaches the backend (S = 0 is refused by validation); no kernel is launched (TMA
     cannot describe an empty dim) and the results have the op's shapes and layout."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     fake = _FakeHopper(monkeypatch)
     q = _bf16(*shape)
@@ -179,10 +180,10 @@ def test_empty_batch_or_heads_launch_nothing(monkeypatch, shape):
 
 
 def test_attention_registers_even_when_its_module_was_imported_first(monkeypatch):
-    """cuda_backend registers the attention kernels by calling register() when the library loads: a
+    """The cuda backend package registers the attention kernels by calling register() when the library loads: a
     module imported earlier (by a test, or a user reading unsupported_reason) must not leave the cuda
     backend without attention."""
-    from aimv2_kernels import cuda_attention
+    from aimv2_kernels.cuda_backend import attention as cuda_attention
 
     monkeypatch.setattr(cuda_attention, "_compiled", lambda name: object())
     monkeypatch.setattr(torch.library, "register_fake", lambda name: (lambda fn: fn))
@@ -192,9 +193,9 @@ def test_attention_registers_even_when_its_module_was_imported_first(monkeypatch
     cuda_attention.register()
     assert backend._REGISTRY["attention_fwd"]["cuda"] is cuda_attention.attention_fwd_cuda
     assert backend._REGISTRY["attention_bwd"]["cuda"] is cuda_attention.attention_bwd_cuda
-    # the plug-in cannot be imported without the compiled library; its text must make the call
-    plugin = Path(importlib.util.find_spec("aimv2_kernels.cuda_backend").origin).read_text()
-    assert "\ncuda_attention.register()\n" in plugin
+    # its loader imports kernels.py, which needs the compiled library; its text must make the call
+    package = Path(importlib.util.find_spec("aimv2_kernels.cuda_backend").origin).read_text()
+    assert "\n    attention.register()\n" in package
 
 
 # ---- GPU ------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 from helpers import TOLERANCE, assert_close, device_memsets
 
 import aimv2_kernels as ak
-from aimv2_kernels import backend, cuda_ext
+from aimv2_kernels import backend
+from aimv2_kernels.cuda_backend import ext as cuda_ext
 from aimv2_kernels import reference as ref
 
 REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"

@@ -25,8 +25,8 @@ from helpers import TOLERANCE, assert_close, check_linear_ce, device_memsets, gr
 import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
-from aimv2_kernels.ops import linear_ce_chunks
-from aimv2_kernels.ops.linear_ce_chunks import ce_rows_torch
+from aimv2_kernels import linear_ce_chunks
+from aimv2_kernels.linear_ce_chunks import ce_rows_torch
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

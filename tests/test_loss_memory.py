@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import aimv2_kernels as ak
-from aimv2_kernels.ops import linear_ce_chunks
+from aimv2_kernels import linear_ce_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -36,7 +36,7 @@ _CHILD = r"""
 import json, os, resource, sys
 import torch
 import aimv2_kernels as ak
-from aimv2_kernels.ops import linear_ce_chunks
+from aimv2_kernels import linear_ce_chunks
 
 backend, tokens, vocab, dim, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 if chunk != "default":

@@ -17,7 +17,8 @@ import torch
 import aimv2_kernels as ak
 from aimv2_kernels import backend
 from aimv2_kernels import reference as ref
-from aimv2_kernels.ops import linear_ce_chunks, loss
+from aimv2_kernels import linear_ce_chunks
+from aimv2_kernels.ops import loss
 from tests.helpers import TOLERANCE, assert_close, check_linear_ce, grads64, rel_err
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,8 +29,8 @@ KERNELS = ("patch_mse_fwd", "patch_mse_bwd", "linear_ce")
 @pytest.fixture
 def spies(monkeypatch):
     """Counts calls of the triton implementations and of the Triton row launcher."""
-    assert backend.unavailable_reason("triton") is None  # imports the triton_kernels modules
-    from aimv2_kernels.triton_kernels import linear_cross_entropy as lce
+    assert backend.unavailable_reason("triton") is None  # imports the triton_backend modules
+    from aimv2_kernels.triton_backend import linear_cross_entropy as lce
 
     counts = dict.fromkeys(KERNELS + ("ce_rows_triton",), 0)
 
@@ -52,7 +53,7 @@ def calls(spies):
     """`spies`, with the Triton launchers' output buffers poisoned (NaN) so unwritten outputs show up.
     The launchers poison their own allocations (`common.poison`): a TorchDispatchMode would see the
     custom op as one call, never the allocations inside its body."""
-    from aimv2_kernels.triton_kernels import common
+    from aimv2_kernels.triton_backend import common
 
     with common.poisoned_outputs():
         yield spies
@@ -117,7 +118,7 @@ def test_patch_mse_runs_are_bit_identical(calls, device):
 
 
 def test_patch_mse_too_large_patch_falls_back_with_a_warning(calls, device):
-    from aimv2_kernels.triton_kernels import common, patch_mse
+    from aimv2_kernels.triton_backend import common, patch_mse
 
     common._warned.discard("patch_mse_size")
     P = patch_mse.MAX_PATCH + 1
@@ -143,16 +144,28 @@ def _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias):
     assert calls["linear_ce"] == 1 and calls["ce_rows_triton"] >= 1
 
 
+@pytest.fixture(params=["one pass", "two passes"])
+def row_passes(request, monkeypatch):
+    """The row kernel's two forms: the whole row on chip (every vocabulary of these tests fits), and
+    two passes over vocab tiles (what rows wider than ONE_PASS_MAX_BLOCK take), forced here."""
+    from aimv2_kernels.triton_backend import linear_cross_entropy as lce
+
+    if request.param == "two passes":
+        monkeypatch.setattr(lce, "ONE_PASS_MAX_BLOCK", 0)
+    assert lce.launch_config(4099)["ONE_PASS"] == (request.param == "one pass")
+    return request.param
+
+
 @pytest.mark.parametrize("tokens", [1, 37, 300])
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_ce_matches_reference(calls, device, tokens, vocab, dtype):
+def test_linear_ce_matches_reference(calls, device, tokens, vocab, dtype, row_passes):
     _check_linear_ce(calls, device, tokens, vocab, dtype, with_bias=vocab != 1000)
 
 
 @pytest.mark.parametrize("vocab", [1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_linear_ce_many_token_chunks(calls, device, monkeypatch, vocab, dtype):
+def test_linear_ce_many_token_chunks(calls, device, monkeypatch, vocab, dtype, row_passes):
     """A tiny logits budget: 8 tokens per chunk at vocab 1000, 1 at 4099 (dW summed over 300 chunks)."""
     monkeypatch.setattr(linear_ce_chunks, "CHUNK_ELEMENTS", 1 << 13)
     _check_linear_ce(calls, device, 300, vocab, dtype, with_bias=vocab == 1000)
@@ -160,7 +173,7 @@ def test_linear_ce_many_token_chunks(calls, device, monkeypatch, vocab, dtype):
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 0])
-def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, device, ignore_index):
+def test_linear_ce_all_ignored_is_zero_with_zero_gradients(calls, device, ignore_index, row_passes):
     hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
     weight = torch.randn(11, 16, device=device, requires_grad=True)
     bias = torch.randn(11, device=device, requires_grad=True)
@@ -326,10 +339,10 @@ def test_poisoned_outputs_show_a_broken_store(spies, device, monkeypatch, case):
     the intact kernel is finite. Proves the hook poisons the buffers the kernels write."""
     import importlib
 
-    from aimv2_kernels.triton_kernels import common
+    from aimv2_kernels.triton_backend import common
 
     module_name, kernel_name, run = BROKEN_STORES[case]
-    module = importlib.import_module(f"aimv2_kernels.triton_kernels.{module_name}")
+    module = importlib.import_module(f"aimv2_kernels.triton_backend.{module_name}")
     with common.poisoned_outputs():
         assert torch.isfinite(run(device)).all()
     monkeypatch.setattr(module, kernel_name, _DropLastProgram(getattr(module, kernel_name)))

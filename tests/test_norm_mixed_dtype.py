@@ -42,7 +42,7 @@ def _cases() -> list:
 def poisoned_buffers():
     """The Triton launchers' new output buffers start as NaN, so an element a kernel forgets to write
     shows up (torch.empty on the CPU often hands back zeros)."""
-    from aimv2_kernels.triton_kernels.common import poisoned_outputs
+    from aimv2_kernels.triton_backend.common import poisoned_outputs
 
     with poisoned_outputs():
         yield

@@ -11,8 +11,8 @@ import torch
 import aimv2_kernels as ak
 from aimv2_kernels import reference as ref
 from aimv2_kernels.backend import resolve
-from aimv2_kernels.triton_kernels import rms_norm as kernels
-from aimv2_kernels.triton_kernels import common
+from aimv2_kernels.triton_backend import rms_norm as kernels
+from aimv2_kernels.triton_backend import common
 from helpers import TOLERANCE, assert_close, rel_err
 
 HIDDEN = (1, 17, 127, 1000, 2816)

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..backend import resolve
 from ..validation import attention_scale, check_head_dim, check_last_dim_contiguous, check_prefix_values, check_tensor
-from .attention import _prefix_tensor, empty_bshd_output
+from ..layouts import empty_bshd_output
+from .attention import _prefix_tensor
 from .autograd import call, register_autograd
 
 
@@ -28,7 +29,8 @@ def _attention_qkvpacked(qkv: Tensor, prefix_len: Optional[Tensor], causal: bool
     """Returns (out (B, S, H, D) contiguous, lse (B, H, S) float32)."""
     if prefix_len is not None:
         check_prefix_values(prefix_len)
-    out, lse = resolve("attention_fwd", qkv.device)[1](*_views(qkv), prefix_len, causal, scale)
+    q, k, v = _views(qkv)
+    out, lse = resolve("attention_fwd", qkv.device, q)[1](q, k, v, prefix_len, causal, scale)
     return out.transpose(1, 2), lse  # the kernels' (B, H, S, D) view of (B, S, H, D) memory, as (B, S, H, D)
 
 
@@ -47,8 +49,9 @@ def _qkvpacked_backward_body(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor
                              causal: bool, scale: float) -> Tensor:
     """dout, out (B, S, H, D) -> d qkv (B, S, 3, H, D), contiguous, written by the backward kernels."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    resolve("attention_bwd", qkv.device)[1](dout.transpose(1, 2), *_views(qkv), out.transpose(1, 2), lse, prefix_len,
-                                            causal, scale, _views(dqkv))
+    q, k, v = _views(qkv)
+    resolve("attention_bwd", qkv.device, q)[1](dout.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, prefix_len,
+                                               causal, scale, _views(dqkv))
     return dqkv
 
 

@@ -5,10 +5,11 @@ cu_seqlens[s] .. cu_seqlens[s + 1] - 1. Inside a sequence the padded op's rule h
 to query i iff (not causal) or j <= i or j < prefix_len[s], positions counted from the sequence
 start); nothing is visible across sequences. The output is (T, H, D), contiguous.
 
-Backends: "triton" (triton_kernels/attention_varlen.py: the padded kernels with VARLEN=True, one
-launch over all sequences), which CUDA tensors get under every backend choice, and "torch" (the
-padded op's PyTorch math on the sequences zero-padded into one batch; the reference in reference.py
-loops over sequences), for CPU tensors outside the interpreter. Both keep lse as (H, T).
+Backends: "triton" (triton_backend/attention_varlen.py: the padded kernels with VARLEN=True, one
+launch over all sequences), which CUDA tensors get under every backend choice, and "torch"
+(torch_backend/attention_varlen.py: the padded op's math on the sequences zero-padded into one
+batch; the reference in reference.py loops over sequences), for CPU tensors outside the
+interpreter. Both keep lse as (H, T).
 """
 from __future__ import annotations
 
@@ -17,9 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference as ref
-from ..backend import register, resolve
-from .attention import _attention_bwd_torch
+from ..backend import resolve
 from .autograd import call, register_autograd
 from ..validation import (
     attention_scale,
@@ -36,61 +35,6 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-# ---- "torch" backend: the sequences as one zero-padded batch -------------------------------------
-#
-# The padded op's math on (n, H, L, D), L the longest sequence, instead of a loop over sequences
-# (a loop of small matmuls is 10x slower on a CPU for a batch of ~100 images). Exact, not an
-# approximation: padded keys sit after every real key, so a causal rule whose prefix stops at the
-# sequence's end (min(prefix, length)) never shows them to a real query; bidirectional attention
-# inside a sequence is the same rule with prefix = length. Padded queries are zeros with zero
-# output gradient, so they add exactly nothing to dk and dv.
-
-def _token_places(cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(sequence (T,), position in it (T,), lengths (n,)) as int64, from cu_seqlens (n + 1,)."""
-    bounds = cu_seqlens.long()
-    lengths = bounds.diff()
-    sequence = torch.repeat_interleave(torch.arange(lengths.numel(), device=bounds.device), lengths)
-    return sequence, torch.arange(sequence.numel(), device=bounds.device) - bounds[sequence], lengths
-
-
-def _to_padded(t: Tensor, sequence: Tensor, position: Tensor, n: int, longest: int) -> Tensor:
-    """(T, H, ...) -> (n, H, L, ...) zero-padded, sequence s in batch row s."""
-    padded = t.new_zeros(n, longest, *t.shape[1:])
-    padded[sequence, position] = t
-    return padded.transpose(1, 2)
-
-
-def _from_padded(t: Tensor, sequence: Tensor, position: Tensor) -> Tensor:
-    """(n, H, L, ...) -> (T, H, ...): the real tokens back in packed order."""
-    return t.transpose(1, 2)[sequence, position]
-
-
-def _padded_prefix(prefix_len: Optional[Tensor], lengths: Tensor, causal: bool) -> Optional[Tensor]:
-    if not causal:
-        return lengths
-    return None if prefix_len is None else torch.minimum(prefix_len.long(), lengths)
-
-
-@register("attention_varlen_fwd", "torch")
-def _attention_varlen_fwd_torch(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
-    sequence, position, lengths = _token_places(cu_seqlens)
-    n, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    qp, kp, vp = (_to_padded(t, sequence, position, n, longest) for t in (q, k, v))  # (n, H, L, D)
-    out, lse = ref.prefix_causal_attention_with_lse(qp, kp, vp, _padded_prefix(prefix_len, lengths, causal), True, scale)
-    lse = _from_padded(lse.unsqueeze(-1), sequence, position).squeeze(-1).transpose(0, 1)  # (H, T)
-    return _from_padded(out, sequence, position).contiguous(), lse.to(_lse_dtype(q)).contiguous()
-
-
-@register("attention_varlen_bwd", "torch")
-def _attention_varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale):
-    sequence, position, lengths = _token_places(cu_seqlens)
-    n, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    padded = [_to_padded(t, sequence, position, n, longest) for t in (dout, q, k, v, out)]  # (n, H, L, D)
-    lse_padded = _to_padded(lse.transpose(0, 1).unsqueeze(-1), sequence, position, n, longest).squeeze(-1)  # (n, H, L)
-    grads = _attention_bwd_torch(*padded, lse_padded, _padded_prefix(prefix_len, lengths, causal), True, scale)
-    return tuple(_from_padded(g, sequence, position).contiguous() for g in grads)
-
-
 # ---- custom ops ----------------------------------------------------------------------------------
 
 # Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
@@ -101,7 +45,7 @@ def _attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_s
     check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     if prefix_len is not None:
         check_prefix_values(prefix_len)
-    return resolve("attention_varlen_fwd", q.device)[1](q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+    return resolve("attention_varlen_fwd", q.device, q)[1](q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
 
 
 attention_varlen_op = torch.library.custom_op("aimv2_kernels::prefix_causal_attention_varlen",
@@ -117,7 +61,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
 def _attention_varlen_backward_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                     cu_seqlens: Tensor, max_seqlen: int, prefix_len: Optional[Tensor],
                                     causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    impl = resolve("attention_varlen_bwd", q.device)[1]
+    impl = resolve("attention_varlen_bwd", q.device, q)[1]
     return impl(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale)
 
 

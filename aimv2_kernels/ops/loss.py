@@ -6,11 +6,10 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .. import reference as ref
-from ..backend import register, resolve
+from ..backend import resolve
 from .autograd import call, register_autograd
 from ..validation import INDEX_DTYPES, check_positive_float, check_same_device, check_same_dtype, check_shape, check_tensor
-from .linear_ce_chunks import ce_rows_torch, linear_ce_chunked, stored_grad_dtype
+from ..linear_ce_chunks import stored_grad_dtype
 
 
 class AIMv2Loss(NamedTuple):
@@ -25,40 +24,12 @@ def _cdt(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# ---- "torch" backend -----------------------------------------------------------------------------
-
-@register("patch_mse_fwd", "torch")
-def patch_mse_forward_torch(pred, target, mask, norm_pix, eps):
-    return ref.patch_mse_loss(pred, target, mask, norm_pix, eps)
-
-
-@register("patch_mse_bwd", "torch")
-def patch_mse_backward_torch(dloss, pred, target, mask, norm_pix, eps):
-    """d loss / d pred = 2 (pred - t) / P * counted / n_counted."""
-    cdt = _cdt(pred)
-    t = ref.normalize_patches(target, eps) if norm_pix else target.to(cdt)
-    scale = 2.0 / pred.shape[-1]
-    if mask is None:
-        weights = torch.full(pred.shape[:-1], 1.0 / max(pred.shape[0] * pred.shape[1], 1), dtype=cdt, device=pred.device)
-    else:
-        counted = mask.to(cdt)
-        weights = counted / counted.sum().clamp_min(1.0)
-    dpred = (pred.to(cdt) - t) * (scale * weights * dloss.to(cdt)).unsqueeze(-1)
-    return dpred.to(pred.dtype).contiguous()
-
-
-@register("linear_ce", "torch")
-def linear_ce_torch(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params):
-    """(loss, dhidden, dweight, dbias) for d loss = 1, chunked over tokens (never tokens x vocab)."""
-    return linear_ce_chunked(hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params, ce_rows_torch)
-
-
 # ---- custom ops ----------------------------------------------------------------------------------
 
 # Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
 
 def _patch_mse(pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool, eps: float) -> Tensor:
-    return resolve("patch_mse_fwd", pred.device)[1](pred, target, mask, norm_pix, eps)
+    return resolve("patch_mse_fwd", pred.device, pred)[1](pred, target, mask, norm_pix, eps)
 
 
 patch_mse_op = torch.library.custom_op("aimv2_kernels::patch_mse_loss", mutates_args=())(_patch_mse)
@@ -71,7 +42,7 @@ def _(pred, target, mask, norm_pix, eps):
 
 def _patch_mse_backward_body(dloss: Tensor, pred: Tensor, target: Tensor, mask: Optional[Tensor], norm_pix: bool,
                              eps: float) -> Tensor:
-    return resolve("patch_mse_bwd", pred.device)[1](dloss, pred, target, mask, norm_pix, eps)
+    return resolve("patch_mse_bwd", pred.device, pred)[1](dloss, pred, target, mask, norm_pix, eps)
 
 
 patch_mse_backward_op = torch.library.custom_op("aimv2_kernels::patch_mse_loss_backward",
@@ -117,7 +88,7 @@ def _linear_ce(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Te
     asked for); the backward applies dloss / n_counted. Loss in float32 (float64 for float64 input);
     dhidden in hidden's dtype, dweight in stored_grad_dtype(weight.dtype), dbias in the loss's dtype."""
     _check_label_values(labels, weight.shape[0], ignore_index)
-    return resolve("linear_ce", hidden.device)[1](hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)
+    return resolve("linear_ce", hidden.device, hidden)[1](hidden, weight, labels, bias, ignore_index, grad_hidden, grad_params)
 
 
 linear_ce_op = torch.library.custom_op("aimv2_kernels::linear_cross_entropy", mutates_args=())(_linear_ce)

@@ -6,50 +6,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backend import register, resolve
+from ..backend import resolve
+from ..casts import as_dtype as _as
 from .autograd import call, register_autograd
 from ..validation import FLOAT_DTYPES, check_positive_float, check_same_device, check_shape, check_tensor
-
-# ---- "torch" backend: reference forward, analytic backward ----------------------------------------
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; skips the call when it already is (a tiny call pays for every op)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-@register("rms_norm_fwd", "torch")
-def _rms_norm_fwd_torch(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """Returns y (like x) and rstd = 1/sqrt(mean(x^2) + eps) of shape x.shape[:-1] in float32/64:
-    reference.rms_norm's math with rstd computed once and kept."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = _as(x, cdt)
-    rstd = xf.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()
-    y = xf * rstd
-    if weight is not None:
-        y = y.mul_(_as(weight, cdt))
-    return _as(y, x.dtype).contiguous(), rstd.squeeze(-1)
-
-
-@register("rms_norm_bwd", "torch")
-def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                        dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat."""
-    cdt = rstd.dtype
-    xf, dyf, r = _as(x, cdt), _as(dy, cdt), rstd.unsqueeze(-1)
-    x_hat = xf * r
-    g = dyf * _as(weight, cdt) if weight is not None else dyf
-    dx = (g - x_hat * (g * x_hat).mean(dim=-1, keepdim=True)).mul_(r)
-    if dresidual is not None:
-        dx = dx.add_(dresidual)  # in the compute dtype: dresidual is at most as wide
-    dw = _as((dyf * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype) if weight is not None else x.new_empty(0)
-    return _as(dx, x.dtype).contiguous(), dw
-
 
 # ---- custom ops ----------------------------------------------------------------------------------
 # Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
 
 def _rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    return resolve("rms_norm_fwd", x.device)[1](x, weight, eps)
+    return resolve("rms_norm_fwd", x.device, x)[1](x, weight, eps)
 
 
 rms_norm_op = torch.library.custom_op("aimv2_kernels::rms_norm", mutates_args=())(_rms_norm)
@@ -63,7 +29,7 @@ def _(x, weight, eps):
 
 def _rms_norm_residual(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (normalized x + residual in x's dtype, x + residual in residual's dtype, rstd)."""
-    return resolve("rms_norm_residual_fwd", x.device)[1](x, residual, weight, eps)
+    return resolve("rms_norm_residual_fwd", x.device, x)[1](x, residual, weight, eps)
 
 
 rms_norm_residual_op = torch.library.custom_op("aimv2_kernels::rms_norm_residual", mutates_args=())(_rms_norm_residual)
@@ -78,19 +44,10 @@ def _(x, residual, weight, eps):
     return y, stream, x.new_empty(x.shape[:-1], dtype=cdt)
 
 
-@register("rms_norm_residual_fwd", "torch")
-def _rms_norm_residual_fwd_torch(x, residual, weight, eps):
-    """x (the update) plus residual (the stream, x's dtype or a wider float32) in the residual's dtype,
-    then normalized; returns (y in x's dtype, stream, rstd), all contiguous."""
-    stream = _as(residual + x, residual.dtype).contiguous()  # a bf16 + fp32 add runs in fp32
-    y, rstd = _rms_norm_fwd_torch(stream, weight, eps)
-    return _as(y, x.dtype), stream, rstd
-
-
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
                        dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None)."""
-    return resolve("rms_norm_bwd", x.device)[1](dy, x, weight, rstd, dresidual)
+    return resolve("rms_norm_bwd", x.device, x)[1](dy, x, weight, rstd, dresidual)
 
 
 rms_norm_backward_op = torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())(_rms_norm_backward)

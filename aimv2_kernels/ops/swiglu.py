@@ -5,63 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import register, resolve
+from ..backend import resolve
 from .autograd import call, register_autograd
 from ..validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_shape, check_tensor
-
-
-# ---- "torch" backend -----------------------------------------------------------------------------
-
-_WIDE = (torch.float32, torch.float64)  # computed in their own dtype; others in float32
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; skips the call when it already is (a tiny call pays for every op)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _swiglu_grads(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """d/dgate silu(g) * u = u * sig(g) * (1 + g * (1 - sig(g))), which is aten's silu_backward of
-    dout * u; d/dup = silu(g). In float32/64, returned in the inputs' dtypes."""
-    cdt = torch.float64 if gate.dtype == torch.float64 else torch.float32
-    if gate.dtype == cdt and up.dtype == cdt and dout.dtype == cdt:  # no casts to pay for
-        return torch.ops.aten.silu_backward(dout * up, gate), dout * F.silu(gate)
-    g, u, d = _as(gate, cdt), _as(up, cdt), _as(dout, cdt)
-    dgate = torch.ops.aten.silu_backward(d * u, g)
-    dup = d * F.silu(g)
-    return _as(dgate, gate.dtype), _as(dup, up.dtype)
-
-
-@register("swiglu_fwd", "torch")
-def _swiglu_fwd_torch(gate: Tensor, up: Tensor) -> Tensor:
-    """reference.swiglu's math: silu(gate) * up in float32/64."""
-    if gate.dtype in _WIDE and up.dtype == gate.dtype:
-        return F.silu(gate).mul_(up).contiguous()
-    return _as(F.silu(_as(gate, torch.float32)).mul_(_as(up, torch.float32)), gate.dtype).contiguous()
-
-
-@register("swiglu_bwd", "torch")
-def _swiglu_bwd_torch(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    dgate, dup = _swiglu_grads(dout, gate, up)
-    return dgate.contiguous(), dup.contiguous()
-
-
-@register("swiglu_packed_fwd", "torch")
-def _swiglu_packed_fwd_torch(x: Tensor) -> Tensor:
-    return _swiglu_fwd_torch(*x.chunk(2, dim=-1))
-
-
-@register("swiglu_packed_bwd", "torch")
-def _swiglu_packed_bwd_torch(dout: Tensor, x: Tensor) -> Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return torch.cat(_swiglu_grads(dout, gate, up), dim=-1)
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
 # Each op's body is a plain function too: the eager fast path calls it directly (see autograd.py).
 
 def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    return resolve("swiglu_fwd", gate.device)[1](gate, up)
+    return resolve("swiglu_fwd", gate.device, gate)[1](gate, up)
 
 
 swiglu_op = torch.library.custom_op("aimv2_kernels::swiglu", mutates_args=())(_swiglu)
@@ -73,7 +26,7 @@ def _(gate, up):
 
 
 def _swiglu_backward_body(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    return resolve("swiglu_bwd", gate.device)[1](dout, gate, up)
+    return resolve("swiglu_bwd", gate.device, gate)[1](dout, gate, up)
 
 
 swiglu_backward_op = torch.library.custom_op("aimv2_kernels::swiglu_backward", mutates_args=())(_swiglu_backward_body)
@@ -85,7 +38,7 @@ def _(dout, gate, up):
 
 
 def _swiglu_packed(x: Tensor) -> Tensor:
-    return resolve("swiglu_packed_fwd", x.device)[1](x)
+    return resolve("swiglu_packed_fwd", x.device, x)[1](x)
 
 
 swiglu_packed_op = torch.library.custom_op("aimv2_kernels::swiglu_packed", mutates_args=())(_swiglu_packed)
@@ -97,7 +50,7 @@ def _(x):
 
 
 def _swiglu_packed_backward_body(dout: Tensor, x: Tensor) -> Tensor:
-    return resolve("swiglu_packed_bwd", x.device)[1](dout, x)
+    return resolve("swiglu_packed_bwd", x.device, x)[1](dout, x)
 
 
 swiglu_packed_backward_op = torch.library.custom_op("aimv2_kernels::swiglu_packed_backward",

@@ -2,12 +2,15 @@
 
 The token-chunk driver (`aimv2_kernels.linear_ce_chunks`) holds one (chunk, V) block of float32
 logits at a time and runs the three GEMMs on cuBLAS. This kernel is everything between them, one
-program per token, in one launch per chunk:
+program per token, in one launch per chunk. Where the row fits on chip (V <= ONE_PASS_MAX_BLOCK,
+32768: the AIMv2 vocabularies; 32 fp32 values per thread over 1024 threads), one pass:
 
-    pass 1  over vocab tiles: bias add, online max / sum-exp in fp32 -> lse; loss = lse - logit[label]
-    pass 2  over vocab tiles: dlogits = (exp(logit - lse) - onehot) / n_counted, in the GEMM dtype
+    load the row once (+ bias), max, sum-exp in fp32 -> lse; loss = lse - logit[label];
+    dlogits = (exp(logit - lse) - onehot) / n_counted from the values in registers, in the GEMM dtype
 
-so the logits are read twice and the gradient written once, with no (chunk, V) temporaries. Why not
+so each logit is read once and the gradient written once. Wider rows take two passes over vocab
+tiles (online max / sum-exp, then the gradient), reading the logits twice. No (chunk, V)
+temporaries either way. Why not
 the GEMMs in Triton too: they are >95% of the FLOPs and cuBLAS runs them near peak at these shapes,
 while fusing the logits GEMM with the row pass would need the logits computed twice (once for the
 lse, once for the gradient), costing a third more FLOPs than this split.
@@ -26,7 +29,9 @@ from .kernel_config import KernelConfig
 from ..linear_ce_chunks import ce_rows_torch, chunk_tokens, linear_ce_chunked
 from .common import device_context, next_power_of_2, poison
 
-_MAX_BLOCK_V = 4096
+_MAX_BLOCK_V = 4096  # the two-pass tile
+ONE_PASS_MAX_BLOCK = 32768  # the widest row held on chip whole (next power of two of V)
+_ONE_PASS_VALUES_PER_THREAD = 32
 
 
 @triton.jit
@@ -45,53 +50,76 @@ def _ce_rows_kernel(
     loss_ptr,  # (c,) fp32 out: per-token CE, 0 where ignored
     dlogits_ptr, stride_dlogits,  # (c, V) out (GEMM dtype), may alias logits_ptr; unused unless WRITE_GRAD
     V, ignore_index,
-    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * stride_logits
     label = tl.load(labels_ptr + row * stride_labels).to(tl.int64)
     counted = label != ignore_index
     cols = tl.arange(0, BLOCK_V)
-
-    # pass 1: running max m and sum of exp(x - m) over vocab tiles
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.full((), 0.0, tl.float32)
-    for start in range(0, V, BLOCK_V):
-        in_v = start + cols < V
-        x = tl.load(x_row + start + cols, mask=in_v, other=float("-inf"))
-        if HAS_BIAS:
-            x += _load_bias(bias_ptr, stride_bias, start + cols, in_v)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(s)
-
     safe_label = tl.where(counted, label, 0)  # ignored rows read a valid column and discard it
-    target = tl.load(x_row + safe_label)
-    if HAS_BIAS:
-        target += _load_bias(bias_ptr, stride_bias, safe_label, True)
-    tl.store(loss_ptr + row, tl.where(counted, lse - target, 0.0))
+    d_row = dlogits_ptr + row * stride_dlogits
 
-    if WRITE_GRAD:
-        # pass 2: each tile is loaded before it is stored, so dlogits may overwrite the logits
-        w = tl.where(counted, tl.load(scale_ptr), 0.0)
-        d_row = dlogits_ptr + row * stride_dlogits
+    if ONE_PASS:  # BLOCK_V >= V: the whole row in registers, each logit read once
+        in_v = cols < V
+        x = tl.load(x_row + cols, mask=in_v, other=float("-inf"))
+        if HAS_BIAS:
+            x += _load_bias(bias_ptr, stride_bias, cols, in_v)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)  # 0 past V
+        s = tl.sum(e, axis=0)
+        target = tl.load(x_row + safe_label)  # one scalar (cached): no second reduction over the row
+        if HAS_BIAS:
+            target += _load_bias(bias_ptr, stride_bias, safe_label, True)
+        tl.store(loss_ptr + row, tl.where(counted, m + tl.log(s) - target, 0.0))
+        if WRITE_GRAD:  # (softmax - onehot) * w, softmax = e / s; scalars folded first (fewer live values)
+            w = tl.where(counted, tl.load(scale_ptr), 0.0)
+            d = e * (w / s)
+            d = tl.where(cols == label, d - w, d)
+            tl.store(d_row + cols, d.to(dlogits_ptr.dtype.element_ty), mask=in_v)
+    else:  # two passes over vocab tiles
+        # pass 1: running max m and sum of exp(x - m) over vocab tiles
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.full((), 0.0, tl.float32)
         for start in range(0, V, BLOCK_V):
             in_v = start + cols < V
-            x = tl.load(x_row + start + cols, mask=in_v, other=0.0)
+            x = tl.load(x_row + start + cols, mask=in_v, other=float("-inf"))
             if HAS_BIAS:
                 x += _load_bias(bias_ptr, stride_bias, start + cols, in_v)
-            p = tl.exp(x - lse)
-            p = tl.where(start + cols == label, p - 1.0, p)
-            tl.store(d_row + start + cols, (p * w).to(dlogits_ptr.dtype.element_ty), mask=in_v)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+
+        target = tl.load(x_row + safe_label)
+        if HAS_BIAS:
+            target += _load_bias(bias_ptr, stride_bias, safe_label, True)
+        tl.store(loss_ptr + row, tl.where(counted, lse - target, 0.0))
+
+        if WRITE_GRAD:
+            # pass 2: each tile is loaded before it is stored, so dlogits may overwrite the logits
+            w = tl.where(counted, tl.load(scale_ptr), 0.0)
+            for start in range(0, V, BLOCK_V):
+                in_v = start + cols < V
+                x = tl.load(x_row + start + cols, mask=in_v, other=0.0)
+                if HAS_BIAS:
+                    x += _load_bias(bias_ptr, stride_bias, start + cols, in_v)
+                p = tl.exp(x - lse)
+                p = tl.where(start + cols == label, p - 1.0, p)
+                tl.store(d_row + start + cols, (p * w).to(dlogits_ptr.dtype.element_ty), mask=in_v)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
 
 def launch_config(V: int) -> dict[str, int]:
-    """Vocab tile and warps for rows of V logits: up to 4096 lanes, 16 fp32 values per thread."""
-    block_v = min(_MAX_BLOCK_V, max(16, next_power_of_2(V)))
-    return {"BLOCK_V": block_v, "num_warps": max(1, min(8, block_v // 512))}
+    """Block, warps and pass count for rows of V logits: the whole row (up to ONE_PASS_MAX_BLOCK
+    lanes, 32 fp32 values per thread), else tiles of up to 4096 lanes with 16 values per thread."""
+    whole = max(16, next_power_of_2(V))
+    if whole <= ONE_PASS_MAX_BLOCK:
+        warps = max(1, min(32, whole // (32 * _ONE_PASS_VALUES_PER_THREAD)))
+        return {"BLOCK_V": whole, "num_warps": warps, "ONE_PASS": True}
+    block_v = min(_MAX_BLOCK_V, whole)
+    return {"BLOCK_V": block_v, "num_warps": max(1, min(8, block_v // 512)), "ONE_PASS": False}
 
 
 def ce_rows_triton(logits, bias, labels, ignore_index, scale, loss_out, dlogits_out) -> None:
@@ -109,7 +137,8 @@ def ce_rows_triton(logits, bias, labels, ignore_index, scale, loss_out, dlogits_
         _ce_rows_kernel[(c,)](
             logits, logits.stride(0), bias_arg, bias_stride, labels, labels.stride(0), scale, loss_out,
             dlogits, dlogits.stride(0), V, ignore_index,
-            HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+            HAS_BIAS=bias is not None, WRITE_GRAD=write_grad, BLOCK_V=cfg["BLOCK_V"], ONE_PASS=cfg["ONE_PASS"],
+            num_warps=cfg["num_warps"],
         )
 
 
@@ -124,22 +153,24 @@ def linear_cross_entropy(hidden, weight, labels, bias, ignore_index, grad_hidden
 # ---- compile check -------------------------------------------------------------------------------
 
 def compile_configs() -> list[KernelConfig]:
-    """The row kernel at the AIMv2 text head: V 32000, D 1024, bf16 weight (bf16 dlogits), int64
-    labels, chunks of chunk_tokens() rows; with the gradient (training) and without (evaluation)."""
-    V = 32000
-    cfg = launch_config(V)
-    rows = chunk_tokens(8192, V)
+    """The row kernel at the AIMv2 text head (V 32000: one pass) and at a wide vocabulary (V 128256:
+    two passes), D 1024, bf16 weight (bf16 dlogits), int64 labels, chunks of chunk_tokens() rows;
+    with the gradient (training) and without (evaluation)."""
     configs = []
-    for write_grad in (True, False):
-        configs.append(KernelConfig(
-            f"linear_ce_rows V={V} bf16 {'grad' if write_grad else 'loss only'} ({rows}-token chunks)",
-            _ce_rows_kernel,
-            {"logits_ptr": "*fp32", "stride_logits": "i32", "bias_ptr": "*bf16", "stride_bias": "constexpr",
-             "labels_ptr": "*i64", "stride_labels": "constexpr",
-             "scale_ptr": "*fp32", "loss_ptr": "*fp32", "dlogits_ptr": "*bf16" if write_grad else "*fp32",
-             "stride_dlogits": "i32", "V": "i32", "ignore_index": "i32",
-             "HAS_BIAS": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr"},
-            # unit strides, which Triton specializes to constants (contiguous labels and bias)
-            {"stride_bias": 1, "stride_labels": 1, "HAS_BIAS": False, "WRITE_GRAD": write_grad, "BLOCK_V": cfg["BLOCK_V"]},
-            num_warps=cfg["num_warps"]))
+    for V in (32000, 128256):
+        cfg = launch_config(V)
+        rows = chunk_tokens(8192, V)
+        for write_grad in (True, False):
+            configs.append(KernelConfig(
+                f"linear_ce_rows V={V} bf16 {'grad' if write_grad else 'loss only'} ({rows}-token chunks)",
+                _ce_rows_kernel,
+                {"logits_ptr": "*fp32", "stride_logits": "i32", "bias_ptr": "*bf16", "stride_bias": "constexpr",
+                 "labels_ptr": "*i64", "stride_labels": "constexpr",
+                 "scale_ptr": "*fp32", "loss_ptr": "*fp32", "dlogits_ptr": "*bf16" if write_grad else "*fp32",
+                 "stride_dlogits": "i32", "V": "i32", "ignore_index": "i32",
+                 "HAS_BIAS": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK_V": "constexpr", "ONE_PASS": "constexpr"},
+                # unit strides, which Triton specializes to constants (contiguous labels and bias)
+                {"stride_bias": 1, "stride_labels": 1, "HAS_BIAS": False, "WRITE_GRAD": write_grad,
+                 "BLOCK_V": cfg["BLOCK_V"], "ONE_PASS": cfg["ONE_PASS"]},
+                num_warps=cfg["num_warps"]))
     return configs
