@@ -367,3 +367,24 @@ def test_graph_ms_is_none_on_a_cpu_and_when_capture_fails(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", not_capturable)
     assert graph_ms(lambda: None, torch.device("cuda")) is None
+
+
+def test_byte_counter_counts_writes_once_per_op_and_no_views():
+    import aimv2_kernels as ak
+    from benchmarks.data_movement import ByteCounter
+
+    x = torch.randn(4, 8)
+    with ak.use_backend("torch"), ByteCounter() as counter:
+        x.t()  # a view: nothing written
+        x.to(torch.bfloat16)  # a cast: 4 * 8 * 2 bytes of data movement
+        ak.swiglu(x, x)  # our op, counted once whatever its body runs
+    assert "t" not in counter.calls and counter.bytes["_to_copy"] == 64
+    assert counter.calls["aimv2_kernels.swiglu.default"] == 1 and counter.movement() == 64
+    assert set(counter.calls) == {"_to_copy", "aimv2_kernels.swiglu.default"}
+
+
+def test_data_movement_report_on_the_tiny_preset():
+    from benchmarks.data_movement import report
+
+    text = report("tiny", 2)
+    assert "data movement:" in text and "MiB per sample" in text and "operators per encoder block" in text

@@ -44,19 +44,21 @@ def _(x, residual, weight, eps):
     return y, stream, x.new_empty(x.shape[:-1], dtype=cdt)
 
 
-def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                       dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None)."""
-    return resolve("rms_norm_bwd", x.device, x)[1](dy, x, weight, rstd, dresidual)
+def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor],
+                       narrow_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None, dx in
+    narrow_dtype or an empty tensor when it is None), the last written by the same kernel."""
+    return resolve("rms_norm_bwd", x.device, x)[1](dy, x, weight, rstd, dresidual, narrow_dtype)
 
 
 rms_norm_backward_op = torch.library.custom_op("aimv2_kernels::rms_norm_backward", mutates_args=())(_rms_norm_backward)
 
 
 @rms_norm_backward_op.register_fake
-def _(dy, x, weight, rstd, dresidual):
+def _(dy, x, weight, rstd, dresidual, narrow_dtype):
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), dw
+    dx_narrow = x.new_empty(x.shape, dtype=narrow_dtype) if narrow_dtype is not None else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dw, dx_narrow
 
 
 def _setup_norm(ctx, inputs, output):
@@ -68,7 +70,7 @@ def _norm_backward(ctx, dy, _drstd):
     if dy is None:  # only rstd was used (gradients are not materialized: see autograd.py)
         return None, None, None
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = call(rms_norm_backward_op, _rms_norm_backward, dy, x, weight, rstd, None)
+    dx, dw, _ = call(rms_norm_backward_op, _rms_norm_backward, dy, x, weight, rstd, None, None)
     return dx, (dw if weight is not None else None), None
 
 
@@ -80,15 +82,17 @@ def _setup_norm_residual(ctx, inputs, output):
 
 def _norm_residual_backward(ctx, dy, dstream, _drstd):
     """x and residual get the same gradient (both are added into the stream): computed once in the
-    stream's dtype for the residual, and rounded to x's dtype for x (no copy when they agree).
+    stream's dtype for the residual and, by the same kernel, rounded to x's dtype for x when that is
+    narrower (a bf16 update of a float32 stream; the same tensor when they agree).
     dy or dstream is None when that output was not used (no zero tensor is made for it)."""
     if dy is None:  # y unused: the stream's gradient passes straight to both inputs
         if dstream is None:
             return None, None, None, None
         return _as(dstream, ctx.update_dtype), dstream, None, None
     stream, weight, rstd = ctx.saved_tensors
-    dresidual, dw = call(rms_norm_backward_op, _rms_norm_backward, dy, stream, weight, rstd, dstream)
-    return _as(dresidual, ctx.update_dtype), dresidual, (dw if weight is not None else None), None
+    narrow = ctx.update_dtype if ctx.update_dtype != stream.dtype else None
+    dresidual, dw, dx_narrow = call(rms_norm_backward_op, _rms_norm_backward, dy, stream, weight, rstd, dstream, narrow)
+    return (dx_narrow if narrow is not None else dresidual), dresidual, (dw if weight is not None else None), None
 
 
 _rms_norm_call = register_autograd(rms_norm_op, _rms_norm, _norm_backward, _setup_norm)

@@ -24,9 +24,11 @@ def _rms_norm_fwd_torch(x: Tensor, weight: Optional[Tensor], eps: float) -> tupl
 
 
 @register("rms_norm_bwd", "torch")
-def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                        dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat."""
+def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor],
+                        narrow_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat.
+    Returns (dx in x's dtype, dw or an empty tensor, dx rounded to narrow_dtype or an empty tensor):
+    the fused residual op's update gets the stream's gradient in its own, narrower dtype."""
     cdt = rstd.dtype
     xf, dyf, r = _as(x, cdt), _as(dy, cdt), rstd.unsqueeze(-1)
     x_hat = xf * r
@@ -35,7 +37,8 @@ def _rms_norm_bwd_torch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
     if dresidual is not None:
         dx = dx.add_(dresidual)  # in the compute dtype: dresidual is at most as wide
     dw = _as((dyf * x_hat).reshape(-1, x.shape[-1]).sum(0), weight.dtype) if weight is not None else x.new_empty(0)
-    return _as(dx, x.dtype).contiguous(), dw
+    dx_narrow = _as(dx, narrow_dtype).contiguous() if narrow_dtype is not None else x.new_empty(0)
+    return _as(dx, x.dtype).contiguous(), dw, dx_narrow
 
 
 @register("rms_norm_residual_fwd", "torch")

@@ -74,10 +74,11 @@ def _rms_norm_bwd_kernel(
     W,  # (n_cols,) weight, read when HAS_WEIGHT
     RSTD,  # (n_rows,) float32, from the forward
     DX,  # output, contiguous (n_rows, n_cols), dtype of x
+    DX_NARROW,  # output, contiguous (n_rows, n_cols): dx again in the update's narrower dtype, when HAS_NARROW
     DW_PARTIAL,  # output (programs, n_cols) float32: this program's column sums of dy * x_hat
     n_rows, n_cols, rows_per_program, N1, N2,
     sdy0, sdy1, sdy2, sx0, sx1, sx2, sdr0, sdr1, sdr2,  # leading-dim strides of DY, X, DRES
-    ROW_LEVELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DRES: tl.constexpr,
+    ROW_LEVELS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DRES: tl.constexpr, HAS_NARROW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -108,7 +109,10 @@ def _rms_norm_bwd_kernel(
         if HAS_DRES:
             dr_ptrs = DRES + row_offsets(rows, N1, N2, sdr0, sdr1, sdr2, ROW_LEVELS)[:, None] + cols[None, :]
             dx += tl.load(dr_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        out_offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        tl.store(DX + out_offsets, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_NARROW:  # the fused residual op's update input: the same gradient, rounded once from fp32
+            tl.store(DX_NARROW + out_offsets, dx.to(DX_NARROW.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
@@ -192,12 +196,14 @@ def _launch_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     return y, stream, rstd
 
 
-def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor]):
+def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor],
+                narrow_dtype: Optional[torch.dtype]):
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=x.device) if weight is not None else x.new_empty(0)
+    dx_narrow = torch.empty(x.shape, dtype=narrow_dtype, device=x.device) if narrow_dtype is not None else x.new_empty(0)
     if dx.numel() == 0:
-        return dx, dw.zero_()
+        return dx, dw.zero_(), dx_narrow
     (dy, x, dres), layout = row_layout(dy, x, dresidual if dresidual is not None else dy)
     cfg = norm_config(n_cols, layout.n_rows, backward=True)
     # A fixed program count, each with a contiguous row range (a multiple of BLOCK_M rows).
@@ -206,19 +212,20 @@ def _launch_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, d
     rows_per_program = cdiv(tiles, programs) * cfg.BLOCK_M
     programs = cdiv(layout.n_rows, rows_per_program)
     partial = torch.empty((programs, n_cols) if weight is not None else (0,), dtype=torch.float32, device=x.device)
-    poison(dx, dw, partial)
+    poison(dx, dw, partial, dx_narrow if narrow_dtype is not None else None)
     with device_context(x):
         _rms_norm_bwd_kernel[(programs,)](
-            dy, x, dres, weight.contiguous() if weight is not None else x, rstd.contiguous(), dx, partial,
+            dy, x, dres, weight.contiguous() if weight is not None else x, rstd.contiguous(), dx,
+            dx_narrow if narrow_dtype is not None else dx, partial,
             layout.n_rows, n_cols, rows_per_program, *layout.sizes,
             *layout.strides[0], *layout.strides[1], *layout.strides[2],
             ROW_LEVELS=layout.levels, HAS_WEIGHT=weight is not None, HAS_DRES=dresidual is not None,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+            HAS_NARROW=narrow_dtype is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
         )
         if weight is not None:
             sum_cfg = COLUMN_SUM_CONFIG
             _column_sum_kernel[(cdiv(n_cols, sum_cfg["BLOCK_N"]),)](partial, dw, programs, n_cols, **sum_cfg)
-    return dx, dw
+    return dx, dw, dx_narrow
 
 
 # ---- "triton" backend implementations (signatures of the "torch" ones in ops/norm.py) -------------
@@ -239,11 +246,11 @@ def rms_norm_residual_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor],
 
 
 @register("rms_norm_bwd", "triton")
-def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                 dresidual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor],
+                 narrow_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     if _falls_back(x, dy, weight, rstd, dresidual):
-        return fallback("rms_norm_bwd")(dy, x, weight, rstd, dresidual)
-    return _launch_bwd(dy, x, weight, rstd, dresidual)
+        return fallback("rms_norm_bwd")(dy, x, weight, rstd, dresidual, narrow_dtype)
+    return _launch_bwd(dy, x, weight, rstd, dresidual, narrow_dtype)
 
 
 # ---- ahead-of-time compile configs ---------------------------------------------------------------
@@ -266,10 +273,10 @@ def compile_configs() -> list[KernelConfig]:
                **dict.fromkeys(["n_rows", "n_cols", "N1", "N2", "sx0", "sx1", "sx2", "sr0", "sr1", "sr2"], "i32"),
                "eps": "fp32", **dict.fromkeys(["ROW_LEVELS", "HAS_RESIDUAL", "HAS_WEIGHT", "BLOCK_M", "BLOCK_N"], "constexpr")}
     bwd_sig = {"DY": "*bf16", "X": "*bf16", "DRES": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
-               "DW_PARTIAL": "*fp32",
+               "DX_NARROW": "*bf16", "DW_PARTIAL": "*fp32",
                **dict.fromkeys(["n_rows", "n_cols", "rows_per_program", "N1", "N2", "sdy0", "sdy1", "sdy2",
                                 "sx0", "sx1", "sx2", "sdr0", "sdr1", "sdr2"], "i32"),
-               **dict.fromkeys(["ROW_LEVELS", "HAS_WEIGHT", "HAS_DRES", "BLOCK_M", "BLOCK_N"], "constexpr")}
+               **dict.fromkeys(["ROW_LEVELS", "HAS_WEIGHT", "HAS_DRES", "HAS_NARROW", "BLOCK_M", "BLOCK_N"], "constexpr")}
     sum_sig = {"P": "*fp32", "OUT": "*bf16", "n_parts": "i32", "n_cols": "i32", "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"}
     configs = []
     for n_cols in (*AIMV2_NORM_HIDDEN, MAX_HIDDEN):
@@ -285,7 +292,9 @@ def compile_configs() -> list[KernelConfig]:
             configs.append(KernelConfig(
                 f"rms_norm_bwd{' dres' if residual else ''} D={n_cols} {dtypes}", _rms_norm_bwd_kernel,
                 _mixed_signature(bwd_sig, ("X", "DRES", "DX")) if mixed else bwd_sig,
-                dict(ROW_LEVELS=1, HAS_WEIGHT=True, HAS_DRES=residual, BLOCK_M=bwd.BLOCK_M, BLOCK_N=bwd.BLOCK_N),
+                # a float32 stream under bf16 updates also writes the update's bf16 gradient
+                dict(ROW_LEVELS=1, HAS_WEIGHT=True, HAS_DRES=residual, HAS_NARROW=mixed, BLOCK_M=bwd.BLOCK_M,
+                     BLOCK_N=bwd.BLOCK_N),
                 num_warps=bwd.num_warps, hot=hot))
     sum_cfg = dict(COLUMN_SUM_CONFIG)
     num_warps = sum_cfg.pop("num_warps")
