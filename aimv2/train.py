@@ -48,6 +48,7 @@ from .model import AIMv2Model
 from .optim import build_optimizer, build_scheduler
 from .packing import PackedImages
 from .predictions import HeldOut, caption_accuracy, draw_predictions, greedy_captions, held_out_set
+from .regional_compile import compile_blocks
 from .train_batches import NativeBatches, SquareBatches
 from .train_config import TrainConfig, merge_for_resume, parse_args
 
@@ -182,7 +183,7 @@ class Trainer:
         if state is not None:
             self._restore(state, resume_path)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            compile_blocks(self.raw_model, dynamic=cfg.native_resolution)
 
         self.batches = self._make_batches(state)
         self.held_out = self._held_out()

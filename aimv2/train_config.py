@@ -57,7 +57,7 @@ class TrainConfig:
     device: str = _opt("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     backend: str | None = _opt(None, "aimv2_kernels backend: auto, triton, cuda or torch (default: AIMV2_KERNELS_BACKEND or auto)")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile each transformer block (dynamic token counts with --native-resolution)")
     amp: bool = _opt(True, "bf16 autocast on CUDA (CPU always runs fp32)")
     fsdp: bool = _opt(False, "under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     # ---- output ----
@@ -114,9 +114,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 2, got {value!r}")
             if value is not None and not self.native_resolution:
                 raise ValueError(f"--{name.replace('_', '-')} applies only with --native-resolution")
-        if self.native_resolution and self.compile:
-            raise ValueError("--compile does not combine with --native-resolution yet: every packed batch has new "
-                             "sizes, so the compiled model would recompile at every step")
 
     @property
     def out_dir(self) -> str:

@@ -47,8 +47,6 @@ def test_native_budget_must_hold_one_image(tmp_path):
 def test_native_options_need_native_resolution(tmp_path):
     with pytest.raises(ValueError, match="only with --native-resolution"):
         small_config(tmp_path, max_tokens=64)
-    with pytest.raises(ValueError, match="--compile does not combine"):
-        small_config(tmp_path, native_resolution=True, compile=True)
     with pytest.raises(ValueError, match="--max-patches must be an integer >= 2"):
         small_config(tmp_path, native_resolution=True, max_patches=1)
 
@@ -57,3 +55,23 @@ def test_square_run_resumed_as_native_is_refused(tmp_path):
     train(small_config(tmp_path, steps=1))
     with pytest.raises(SystemExit, match="square-image run"):
         train(small_config(tmp_path, steps=2, resume="latest", **NATIVE))
+
+
+def test_compile_per_block_with_native_resolution_compiles_once_per_block_kind(tmp_path):
+    """--compile with --native-resolution: 20 steps of packed batches of mixed sizes reuse the blocks'
+    graphs (dynamic token counts): one for the encoder blocks, one for the decoder blocks, no
+    recompilation per batch; the losses follow the eager run's."""
+    import torch._dynamo
+
+    from aimv2.regional_compile import graphs_compiled
+
+    options = dict(steps=20, eval_samples=0, prediction_images=0, ckpt_every=100, **NATIVE)
+    torch._dynamo.reset()
+    before = graphs_compiled()
+    train(small_config(tmp_path / "compiled", compile=True, **options))
+    assert graphs_compiled() - before == 2
+    train(small_config(tmp_path / "eager", **options))
+    compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert sorted(compiled) == list(range(1, 21))
+    for step in (1, 2, 20):
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-3), step
