@@ -93,13 +93,19 @@ def _is_ours(kind: str) -> bool:
 
 
 def _build(kind: str, c, device: torch.device):
-    """The model, what a step calls (the model or its compiled wrapper), and its optimizer."""
+    """The model, what a step calls (the model or its compiled wrapper), and its optimizer. Ours
+    compiles as `aimv2-train --compile` does, block by block; the reference as a whole model."""
     from aimv2 import AIMv2Model
     from aimv2.reference_model import ReferenceAIMv2Model
+    from aimv2.regional_compile import compile_blocks
 
     with device:  # build on the device: initializing ~0.5B parameters on the CPU takes long
         model = (AIMv2Model if _is_ours(kind) else ReferenceAIMv2Model)(c).train()
-    forward = torch.compile(model) if kind.endswith("+compile") else model
+    forward = model
+    if kind == "ours+compile":
+        compile_blocks(model, dynamic=False)
+    elif kind.endswith("+compile"):
+        forward = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     return model, forward, opt
 
