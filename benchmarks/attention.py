@@ -15,6 +15,7 @@ Forward and forward+backward at every shape, quick runs included: the targets ar
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,10 @@ from .targets import Verdict, speedup_vs
 
 NAME = "attention"
 X_LABEL = "sequence length"
-SHAPES = ((128, 8, 256, 128), (8, 8, 4096, 128))  # (B, H, S, D)
+# (B, H, S, D): about 8M tokens x heads per shape; D = 64 at twice the heads (the same width)
+SHAPES = ((128, 8, 256, 128), (32, 8, 1024, 128), (8, 8, 4096, 128), (2, 8, 16384, 128),
+          (128, 16, 256, 64), (8, 16, 4096, 64))
+SHAPES_QUICK = ((128, 8, 256, 128), (8, 8, 4096, 128))  # gpu_check's budget
 SMOKE_SHAPES = ((2, 2, 48, 32),)  # S not a multiple of any block size
 KERNELS = ("attention",)
 FLOPS_PER_PAIR = {FWD: 4, FWD_BWD: 4 * 3.5}  # times D
@@ -137,7 +141,7 @@ def providers(ctx: Context) -> list[Provider]:
 def cases(ctx: Context, modes=(FWD, FWD_BWD)) -> list[Case]:
     dtype = torch.float32 if ctx.smoke else torch.bfloat16
     out = []
-    for B, H, S, D in SMOKE_SHAPES if ctx.smoke else SHAPES:
+    for B, H, S, D in SMOKE_SHAPES if ctx.smoke else (SHAPES_QUICK if ctx.quick else SHAPES):
         gen = torch.Generator().manual_seed(S)
         prefix = torch.randint(1, S, (B,), generator=gen).to(ctx.device)  # the same draw for every provider
 
@@ -156,7 +160,30 @@ def cases(ctx: Context, modes=(FWD, FWD_BWD)) -> list[Case]:
 
 
 def run(ctx: Context, log=print) -> list[Result]:
-    return run_cases(ctx, cases(ctx), providers(ctx), log)
+    results = run_cases(ctx, cases(ctx), providers(ctx), log)
+    if not ctx.smoke:
+        from aimv2_kernels.triton_backend.attention import picked_configs, s_bucket
+
+        attach_configs(results, picked_configs(), s_bucket)
+    return results
+
+
+KERNELS_BY_MODE = {FWD: ("fwd",), FWD_BWD: ("fwd", "dkdv", "dq")}
+
+
+def attach_configs(results: list[Result], picked: list[dict], bucket) -> None:
+    """Record on every timed ours-triton row the configs its Triton kernels ran with (what the
+    autotuners picked for its head dim and S bucket, prefix-causal), as extra["triton configs"]:
+    e.g. "fwd 128x64 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2"."""
+    for r in results:
+        found = re.search(r"S(\d+) D(\d+)", r.size)
+        if r.provider != "ours-triton" or not r.ms or not found:
+            continue
+        S, D = int(found.group(1)), int(found.group(2))
+        used = [f"{row['kernel']} {row['config']}" for row in picked
+                if row["kernel"] in KERNELS_BY_MODE[r.mode] and row["head_dim"] == D
+                and (row["key"] is None or (row["key"]["S_BUCKET"] == bucket(S) and row["key"]["HAS_PREFIX"]))]
+        r.extra["triton configs"] = "; ".join(sorted(used, key=lambda u: KERNELS_BY_MODE[FWD_BWD].index(u.split()[0])))
 
 
 def targets(results: list[Result]) -> list[Verdict]:

@@ -388,3 +388,23 @@ def test_data_movement_report_on_the_tiny_preset():
 
     text = report("tiny", 2)
     assert "data movement:" in text and "MiB per sample" in text and "operators per encoder block" in text
+
+
+def test_attention_rows_record_the_configs_their_kernels_ran_with():
+    from benchmarks.attention import attach_configs
+    from benchmarks.harness import FWD, FWD_BWD, Result
+
+    def row(kernel, bucket, prefix, config, D=128):
+        key = {"S_BUCKET": bucket, "HAS_PREFIX": prefix}
+        return {"kernel": kernel, "head_dim": D, "key": key, "config": config}
+
+    picked = [row("dq", 256, True, "128x64 w8 s2"), row("fwd", 256, True, "128x128 w8 s3"),
+              row("dkdv", 256, True, "64x128 w8 s2"), row("fwd", 512, False, "64x64 w4 s3"),  # the decoder's
+              row("fwd", 256, True, "64x64 w4 s2", D=64)]
+    results = [Result("attention", "prefix_attention", mode, "B128 H8 S256 D128", 256, provider, True, True, ms=1.0)
+               for mode in (FWD, FWD_BWD) for provider in ("ours-triton", "flex")]
+    attach_configs(results, picked, lambda S: 1 << max(S - 1, 0).bit_length())
+    fwd, flex, both, _ = results
+    assert fwd.extra["triton configs"] == "fwd 128x128 w8 s3"
+    assert both.extra["triton configs"] == "fwd 128x128 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2"
+    assert "triton configs" not in flex.extra
