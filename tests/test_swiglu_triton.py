@@ -137,6 +137,24 @@ def test_module_gradients_equal_the_two_linear_mlp(device):
         assert_close(a, b, 1e-12, name)
 
 
+def test_module_runs_hooks_on_its_projections(device):
+    """A hook on fc1 or fc3 (or a forward replaced on the instance) runs: the module then calls the
+    two Linears instead of reading their stacked weights."""
+    mlp = ak.nn.SwiGLU(12, 20).to(device)
+    x = torch.randn(3, 12, device=device)
+    plain = mlp(x)
+    handle = mlp.fc3.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    expected = mlp.fc2(F.silu(F.linear(x, mlp.fc1.weight)) * F.linear(x * 2, mlp.fc3.weight))
+    assert_close(mlp(x), expected, 3e-5, "pre-hook on fc3")
+    assert not torch.allclose(mlp(x), plain)
+    handle.remove()
+    original = mlp.fc1.forward
+    mlp.fc1.forward = lambda t: original(t) + 1.0  # what accelerate's hooks look like
+    assert_close(mlp(x), mlp.fc2(F.silu(original(x) + 1.0) * mlp.fc3(x)), 3e-5, "replaced forward")
+    del mlp.fc1.forward
+    assert torch.equal(mlp(x), plain)  # hooks gone: the stacked path again
+
+
 # ---- GPU: bf16 and real sizes ------------------------------------------------------------------
 
 @pytest.mark.gpu

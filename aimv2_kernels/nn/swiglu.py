@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.swiglu import swiglu_packed
+from ..ops.swiglu import swiglu, swiglu_packed
 
 
 class SwiGLU(nn.Module):
@@ -23,6 +23,8 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, **factory)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_plain(self.fc1) and _plain(self.fc3)):  # hooks (offloading, LoRA, ...) must still run
+            return self.fc2(swiglu(self.fc1(x), self.fc3(x)))
         # Gate and up as one GEMM over the stacked weights (2 * hidden, dim) feeding swiglu_packed:
         # one launch instead of two, and x's gradient leaves one GEMM instead of two GEMMs and their
         # sum. The stacking copies the weights (2 * hidden * dim), far less than the (tokens, hidden)
@@ -30,3 +32,10 @@ class SwiGLU(nn.Module):
         weight = torch.cat((self.fc1.weight, self.fc3.weight))
         bias = None if self.fc1.bias is None else torch.cat((self.fc1.bias, self.fc3.bias))
         return self.fc2(swiglu_packed(F.linear(x, weight, bias)))
+
+
+def _plain(linear: nn.Linear) -> bool:
+    """A Linear whose call is exactly F.linear with its own parameters: no hooks on it and no forward
+    replaced on the instance (as accelerate's offloading does), so reading its weight directly skips
+    nothing."""
+    return not (linear._forward_pre_hooks or linear._forward_hooks or "forward" in vars(linear))

@@ -45,9 +45,11 @@ def _(x, residual, weight, eps):
 
 
 def _rms_norm_backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dresidual: Optional[Tensor],
-                       narrow_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+                       narrow_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx (+ dresidual when given), dweight or an empty tensor when weight is None, dx in
     narrow_dtype or an empty tensor when it is None), the last written by the same kernel."""
+    # narrow_dtype has a default in the schema too: inductor's generated calls leave out trailing
+    # arguments that are None, which a schema without the default rejects
     return resolve("rms_norm_bwd", x.device, x)[1](dy, x, weight, rstd, dresidual, narrow_dtype)
 
 
@@ -55,7 +57,7 @@ rms_norm_backward_op = torch.library.custom_op("aimv2_kernels::rms_norm_backward
 
 
 @rms_norm_backward_op.register_fake
-def _(dy, x, weight, rstd, dresidual, narrow_dtype):
+def _(dy, x, weight, rstd, dresidual, narrow_dtype=None):
     dw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     dx_narrow = x.new_empty(x.shape, dtype=narrow_dtype) if narrow_dtype is not None else x.new_empty(0)
     return torch.empty_like(x, memory_format=torch.contiguous_format), dw, dx_narrow
