@@ -326,7 +326,7 @@ class Trainer:
                 window_images += out["images"]
                 checkpoint_now = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or checkpoint_now:  # the same steps on every process
-                    record = self._read(out)  # waits for the step to finish
+                    record = self._read(out)  # waits for the step to finish: only here
                     now = time.perf_counter()
                     if not math.isfinite(record["loss"]):
                         raise FloatingPointError(f"the loss became {record['loss']} at step {self.step}; lower --lr or check the data")
@@ -334,13 +334,14 @@ class Trainer:
                               "samples_per_s": window_images / max(now - window_start, 1e-9),
                               "elapsed_s": now - start_time, "skipped": self.skipped}
                     window_images = 0
-                    if info.is_main and checkpoint_now:
-                        record.update(self.evaluate())
-                    window_start = time.perf_counter()  # the evaluation's time is not the steps'
-                if info.is_main and (self.step % cfg.log_every == 0 or checkpoint_now):
-                    self.metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", pix=f"{record['pixel_loss']:.3f}", txt=f"{record['text_loss']:.3f}",
-                                    lr=f"{record['lr']:.2e}", img_s=f"{record['samples_per_s']:.0f}", refresh=False)
+                    if info.is_main:
+                        if checkpoint_now:
+                            record.update(self.evaluate())
+                        self.metrics.write(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", pix=f"{record['pixel_loss']:.3f}", txt=f"{record['text_loss']:.3f}",
+                                        lr=f"{record['lr']:.2e}", img_s=f"{record['samples_per_s']:.0f}", refresh=False)
+                    window_start = time.perf_counter()  # the evaluation's and the log's time is not the steps'
+
                 bar.update(1)
                 if self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                     self.save()

@@ -61,10 +61,15 @@ def _choices(path: str) -> dict[tuple[str, str, str], str]:
     return {(c["op"], c["dtype"], c["size_class"]): c["backend"] for c in table.get("choices", [])}
 
 
+def measured_table(card: str) -> dict[tuple[str, str, str], str]:
+    """The card's choices, (op, dtype, size class) -> backend; {} without a table."""
+    return _choices(str(table_path(card)))
+
+
 def measured_choice(kernel: str, card: str, dtype: str, elements: int) -> Optional[str]:
     """The backend the card's table measured fastest for this kernel's op at this dtype and size, or
     None (no table for the card, or no row for the call)."""
-    return _choices(str(table_path(card))).get((op_of(kernel), dtype, size_class(elements)))
+    return measured_table(card).get((op_of(kernel), dtype, size_class(elements)))
 
 
 def clear_cache() -> None:

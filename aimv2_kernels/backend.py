@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .auto_table import measured_choice, size_class
+from .auto_table import measured_choice, measured_table, size_class
 
 BACKEND_NAMES = ("triton", "cuda", "torch", "auto")
 _ENV_VAR = "AIMV2_KERNELS_BACKEND"
@@ -179,7 +179,7 @@ def resolve(kernel: str, device: torch.device, example: Optional[torch.Tensor] =
     first tensor argument; under "auto" on a card with a measured table (auto_table.py) its dtype
     and size class choose the row."""
     chosen = get_backend()
-    if chosen == "auto" and example is not None and device.type == "cuda":
+    if chosen == "auto" and example is not None and device.type == "cuda" and _has_table(device):
         key = (kernel, "cuda", chosen, device.index, example.dtype, size_class(example.numel()))
     else:
         key = (kernel, device.type, chosen)
@@ -187,6 +187,18 @@ def resolve(kernel: str, device: torch.device, example: Optional[torch.Tensor] =
     if name is None:
         name = _resolved[key] = _resolve(kernel, device, chosen, example)[0]
     return name, _REGISTRY[kernel][name]
+
+
+# CUDA device index -> whether its card has a measured table (asked once: without one, the cache key
+# and the choice do not depend on the call's dtype and size)
+_card_tables: dict[Optional[int], bool] = {}
+
+
+def _has_table(device: torch.device) -> bool:
+    found = _card_tables.get(device.index)
+    if found is None:
+        found = _card_tables[device.index] = bool(measured_table(torch.cuda.get_device_name(device)))
+    return found
 
 
 def _measured(kernel: str, device: torch.device, example: Optional[torch.Tensor]) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ MOVEMENT = {
     aten.new_zeros.default, aten.full.default, aten.new_full.default, aten.full_like.default,
     aten.constant_pad_nd.default, aten.split_with_sizes_copy.default, aten.unbind_copy.int,
 }
+MOVEMENT_NAMES = {str(op.overloadpacket.__name__) for op in MOVEMENT}  # the counters' keys
 
 
 class ByteCounter(TorchDispatchMode):
@@ -58,8 +59,7 @@ class ByteCounter(TorchDispatchMode):
         return out
 
     def movement(self) -> int:
-        names = {str(op.overloadpacket.__name__) for op in MOVEMENT}
-        return sum(b for name, b in self.bytes.items() if name in names)
+        return sum(b for name, b in self.bytes.items() if name in MOVEMENT_NAMES)
 
 
 def _inputs(config, batch: int):
@@ -103,14 +103,13 @@ def report(preset: str, batch: int) -> str:
     batch (the weights' casts and gradients, the same at any batch, drop out)."""
     small, large, block = count_step(preset, batch), count_step(preset, 2 * batch), count_block(preset, batch)
     grown = {name: large.bytes[name] - small.bytes[name] for name in large.bytes}
-    names = {str(op.overloadpacket.__name__) for op in MOVEMENT}
-    total, moved = sum(grown.values()), sum(b for n, b in grown.items() if n in names)
+    total, moved = sum(grown.values()), sum(b for n, b in grown.items() if n in MOVEMENT_NAMES)
     mib = 2.0 ** 20
     lines = [f"preset {preset}, batch {batch} and {2 * batch}, bf16 autocast on the CPU, backend {_backend()}",
              f"bytes written per sample (what grows with the batch): {total / mib / batch:.1f} MiB",
              f"data movement: {moved / mib / batch:.2f} MiB per sample, {100 * moved / max(total, 1):.2f}% of those bytes",
              "largest movement operators (MiB per sample; calls in one step):"]
-    for name, b in sorted(((n, b) for n, b in grown.items() if n in names), key=lambda p: -p[1])[:6]:
+    for name, b in sorted(((n, b) for n, b in grown.items() if n in MOVEMENT_NAMES), key=lambda p: -p[1])[:6]:
         lines.append(f"  {name:24s} {b / mib / batch:8.2f}  {small.calls[name]}")
     lines.append(f"operators per encoder block, forward + backward (our ops counted once): {sum(block.calls.values())}")
     return "\n".join(lines)

@@ -18,9 +18,11 @@ def table_dir(tmp_path, monkeypatch):
     monkeypatch.setenv(auto_table.TABLE_DIR_ENV, str(tmp_path))
     auto_table.clear_cache()
     backend._resolved.clear()
+    backend._card_tables.clear()
     yield tmp_path
     auto_table.clear_cache()
     backend._resolved.clear()
+    backend._card_tables.clear()
 
 
 def _result(suite, provider, ms, size="a", mode=FWD_BWD, elements=1 << 25, dtype="bfloat16"):
