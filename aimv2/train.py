@@ -11,8 +11,8 @@ micro-batches. Each micro-batch's loss is weighted by its share of the step's co
 tokens, so the gradient is that of the global batch's token-mean loss whatever the split: one process,
 two processes or accumulation give the same step (tests/test_distributed.py). Prefix lengths come from
 a generator seeded by (seed, step), and augmentation from (seed, epoch, sample), so a resumed run
-repeats an uninterrupted one exactly on CPU. With --native-resolution the step is filled to a patch
-budget instead of an image count (train_batches.py).
+repeats an uninterrupted one exactly on CPU (on a GPU only with --deterministic). With
+--native-resolution the step is filled to a patch budget instead of an image count (train_batches.py).
 
 Output directory: metrics.jsonl, loss.png, predictions.png, checkpoints/step_*.pt (the newest K),
 config.json. At every checkpoint and at the end the main process scores greedy captions of fixed
@@ -129,6 +129,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _use_deterministic_algorithms(device: torch.device) -> None:
+    """--deterministic: runs of the same options on the same machine compute the same bits, so a
+    resumed run repeats an uninterrupted one on a GPU too. aimv2_kernels reads the setting at each
+    call (its attention backward then sums dQ in a fixed order instead of with atomic adds)."""
+    if device.type == "cuda":
+        # cuBLAS gives reproducible results only with a fixed workspace. Torch reads this variable
+        # once, at the process's first CUDA matmul: for the command that is still to come (the model
+        # is built on the CPU); a caller of train() that already ran one must set it itself
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if not torch.are_deterministic_algorithms_enabled():  # a caller's own setting, strict or not, stands
+        # warn_only: an op without a deterministic implementation (in torch or anything the run
+        # calls) warns instead of raising, which would stop the run, perhaps hours in on a rare path
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def _blank(inputs):
     """The same batch with every pixel at the (normalized) mean: zeros."""
     if isinstance(inputs, PackedImages):
@@ -153,6 +168,8 @@ class Trainer:
                 ak.set_backend(cfg.backend)
             except ValueError as exc:
                 raise UsageError(f"--backend {cfg.backend!r}: {exc}") from exc
+        if cfg.deterministic:  # here, after the merge: a resumed run keeps the stored option
+            _use_deterministic_algorithms(info.device)
 
         # the tokenizer and the data before the output directory: a wrong path stops the run before
         # it creates or empties anything
@@ -424,9 +441,12 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
+    # --deterministic changes a process-wide setting: a caller of train() gets its own back
+    determinism = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return Trainer(cfg, info).run()
     finally:
+        torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
         shutdown(info)
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)")
     compile: bool = _opt(False, "torch.compile each transformer block (dynamic token counts with --native-resolution)")
     amp: bool = _opt(True, "bf16 autocast on CUDA (CPU always runs fp32)")
+    deterministic: bool = _opt(False, "deterministic algorithms (warn-only where torch has none), which exact resume on a GPU needs; slower: the attention backward takes its 7-GEMM path")
     fsdp: bool = _opt(False, "under torchrun, shard with FSDP2 (fully_shard) instead of DDP")
     # ---- output ----
     out: str | None = _opt(None, "output directory (default: runs/aimv2-<preset>, with -blank for --blank-images)")

@@ -116,6 +116,17 @@ def register(kernel: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+DETERMINISTIC_ENV = "AIMV2_KERNELS_DETERMINISTIC"
+
+
+def deterministic_algorithms() -> bool:
+    """Whether kernels must give bit-identical results run to run: PyTorch's switch
+    (`torch.use_deterministic_algorithms(True)`) or AIMV2_KERNELS_DETERMINISTIC=1. Read on every
+    call, so either may change at any time. Kernels with a faster order-dependent variant (float
+    atomic adds) run their deterministic one then."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get(DETERMINISTIC_ENV, "0").strip() == "1"
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run in the interpreter (on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

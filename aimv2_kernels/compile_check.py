@@ -187,7 +187,9 @@ def compile_one(config: KernelConfig, arch: int) -> CompileResult:
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+            # a kernel compiled in debug mode (device asserts) is checked as it will run
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                     "debug": bool(getattr(config.kernel, "debug", False))},
         )
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])

@@ -10,6 +10,8 @@ forward (q.k and p.v), 2.5 times that backward. A plain causal mask sees fewer p
 mask, so its providers are listed as "other mask" and never count as the alternative to beat.
 FlexAttention runs twice: with its block mask built once outside the timed region ("flex"), and
 with the block mask built inside it ("flex+mask"), as a training step that draws new prefixes must.
+Our Triton backward runs twice too: the default one ("ours-triton", dQ summed with atomic adds) and
+the deterministic one ("ours-triton deterministic", AIMV2_KERNELS_DETERMINISTIC=1; fwd+bwd only).
 Forward and forward+backward at every shape, quick runs included: the targets are per mode.
 """
 from __future__ import annotations
@@ -131,6 +133,7 @@ def providers(ctx: Context) -> list[Provider]:
         p.mask = "prefix"
     return [
         *ours,
+        P.deterministic(next(p for p in ours if p.backend == "triton")),
         P.eager(sdpa_dense, "sdpa dense mask", mask="prefix"),
         *flex_providers(ctx),
         P.eager(sdpa_causal, "sdpa is_causal", comparable=False, mask="causal"),
@@ -168,22 +171,31 @@ def run(ctx: Context, log=print) -> list[Result]:
     return results
 
 
-KERNELS_BY_MODE = {FWD: ("fwd",), FWD_BWD: ("fwd", "dkdv", "dq")}
+# The Triton kernels each ours-triton row runs, by (provider, mode): the default backward is one
+# dK/dV/dQ pass ("bwd", dQ summed with atomic adds), the deterministic one a dK/dV and a dQ kernel.
+TRITON_KERNELS = {
+    ("ours-triton", FWD): ("fwd",),
+    ("ours-triton", FWD_BWD): ("fwd", "bwd"),
+    ("ours-triton" + P.DETERMINISTIC_SUFFIX, FWD_BWD): ("fwd", "dkdv", "dq"),
+}
+KERNEL_ORDER = ("fwd", "bwd", "dkdv", "dq")  # launch order, the order a row lists its configs in
 
 
 def attach_configs(results: list[Result], picked: list[dict], bucket) -> None:
-    """Record on every timed ours-triton row the configs its Triton kernels ran with (what the
-    autotuners picked for its head dim and S bucket, prefix-causal), as extra["triton configs"]:
-    e.g. "fwd 128x64 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2"."""
+    """Record on every timed ours-triton row (default and deterministic) the configs its Triton
+    kernels ran with (what the autotuners picked for its head dim and S bucket, prefix-causal), as
+    extra["triton configs"]: e.g. "fwd 128x64 w8 s3; bwd 64x128 w8 s2" for the default fwd+bwd,
+    "fwd 128x64 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2" for the deterministic one."""
     for r in results:
+        kernels = TRITON_KERNELS.get((r.provider, r.mode))
         found = re.search(r"S(\d+) D(\d+)", r.size)
-        if r.provider != "ours-triton" or not r.ms or not found:
+        if kernels is None or not r.ms or not found:
             continue
         S, D = int(found.group(1)), int(found.group(2))
         used = [f"{row['kernel']} {row['config']}" for row in picked
-                if row["kernel"] in KERNELS_BY_MODE[r.mode] and row["head_dim"] == D
+                if row["kernel"] in kernels and row["head_dim"] == D
                 and (row["key"] is None or (row["key"]["S_BUCKET"] == bucket(S) and row["key"]["HAS_PREFIX"]))]
-        r.extra["triton configs"] = "; ".join(sorted(used, key=lambda u: KERNELS_BY_MODE[FWD_BWD].index(u.split()[0])))
+        r.extra["triton configs"] = "; ".join(sorted(used, key=lambda u: KERNEL_ORDER.index(u.split()[0])))
 
 
 def targets(results: list[Result]) -> list[Verdict]:

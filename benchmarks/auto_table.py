@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .harness import FWD, FWD_BWD, Result
+from .providers import DETERMINISTIC_SUFFIX
 
 # suite -> the ops (kernel families) its cases time with the op's own first tensor as `elements`
 TABLE_SUITES = {"norm": ("rms_norm",), "swiglu": ("swiglu",), "attention": ("attention",),
@@ -54,8 +55,11 @@ def choices(results: Sequence[Result], cuda_tests: str) -> list[dict]:
     """The table's rows from a run's results (ours only, timed, with elements known)."""
     from aimv2_kernels.auto_table import size_class
 
+    # A deterministic row is not a backend of its own but another backward of one: the table picks
+    # backends for the default algorithms.
     ours = [r for r in results if r.ours and r.ms and r.elements and r.suite in TABLE_SUITES
-            and r.provider.startswith("ours-") and (cuda_tests == "passed" or r.provider != "ours-cuda")]
+            and r.provider.startswith("ours-") and not r.provider.endswith(DETERMINISTIC_SUFFIX)
+            and (cuda_tests == "passed" or r.provider != "ours-cuda")]
     modes = defaultdict(set)
     for r in ours:
         modes[r.suite].add(r.mode)

@@ -238,26 +238,50 @@ class Provider:
     comparable: bool = True
     backend: Optional[str] = None  # ours: the aimv2_kernels backend set process-wide while timing
     skip: Optional[str] = None  # why this provider cannot run here
+    skip_modes: dict[str, str] = field(default_factory=dict)  # mode -> why it does not run in that mode
+    env: dict[str, str] = field(default_factory=dict)  # environment variables set while it runs
     mask: str = ""  # attention: which mask it applies ("prefix" or "causal"), for counting FLOPs
     note: str = ""  # shown beside its timings (e.g. which kernels fall back to another backend)
     bound: bool = False  # not the op but a bound to read it against (the loss's GEMM floor): other output
 
+    def skip_reason(self, mode: str) -> Optional[str]:
+        return self.skip or self.skip_modes.get(mode)
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Set our backend for the process, not just this thread: on CUDA, autograd runs backward
-        ops on its own device threads, which a thread-local `use_backend` block would not reach."""
-        if self.backend is None:
-            yield
-            return
-        import aimv2_kernels as ak
-
-        previous = ak.get_backend()
-        ak.set_backend(self.backend)
-        try:
-            with ak.use_backend(self.backend):
+        ops on its own device threads, which a thread-local `use_backend` block would not reach.
+        `env` is set for the same span, not around the bound call alone: the backward runs after
+        that call has returned, and reads its switches when it runs."""
+        with environ(self.env):
+            if self.backend is None:
                 yield
-        finally:
-            ak.set_backend(previous)
+                return
+            import aimv2_kernels as ak
+
+            previous = ak.get_backend()
+            ak.set_backend(self.backend)
+            try:
+                with ak.use_backend(self.backend):
+                    yield
+            finally:
+                ak.set_backend(previous)
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block; each variable gets its previous value (or its
+    absence) back after it."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass
@@ -390,8 +414,9 @@ def run_case(ctx: Context, case: Case, provider: Provider) -> Result:
     result = Result(case.suite, case.op, case.mode, case.size, case.x, provider.name, provider.ours,
                     provider.comparable, unit=case.unit, dtype=dtype_name(case.dtype), note=provider.note)
     result.elements = case.elements
-    if provider.skip:
-        result.note = provider.skip
+    skip = provider.skip_reason(case.mode)
+    if skip:
+        result.note = skip
         return result
     try:
         with provider.active():

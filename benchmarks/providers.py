@@ -6,11 +6,15 @@ instead of disappearing silently.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .harness import Context, Provider
+from .harness import FWD, Context, Provider
+
+DETERMINISTIC_ENV = "AIMV2_KERNELS_DETERMINISTIC"  # "1": our ops run their deterministic algorithms
+DETERMINISTIC_SUFFIX = " deterministic"
 
 
 def call_with(fn: Callable[..., torch.Tensor]) -> Callable[[tuple], Callable[[], torch.Tensor]]:
@@ -57,6 +61,15 @@ def ours(ctx: Context, fn: Callable[..., torch.Tensor], kernels: Sequence[str]) 
         skip, note = _our_coverage(backend, kernels, ctx.device)
         providers.append(Provider(f"ours-{backend}", call_with(fn), ours=True, backend=backend, skip=skip, note=note))
     return providers
+
+
+def deterministic(provider: Provider) -> Provider:
+    """One of ours again, named "<name> deterministic", with AIMV2_KERNELS_DETERMINISTIC=1 while it
+    runs (its backward included: the switch is read when the backward runs). The switch picks a
+    backward algorithm only, so the forward-only mode is skipped: it would time the same forward."""
+    return dataclasses.replace(provider, name=provider.name + DETERMINISTIC_SUFFIX,
+                               env={**provider.env, DETERMINISTIC_ENV: "1"},
+                               skip_modes={**provider.skip_modes, FWD: f"skipped: same forward as {provider.name}"})
 
 
 def eager(fn: Callable[..., torch.Tensor], name: str = "eager", **kw) -> Provider:

@@ -11,7 +11,7 @@ from aimv2_kernels.reference import prefix_visibility
 from benchmarks import SUITES, attention, loss, step, varlen
 from benchmarks import providers as P
 from benchmarks.__main__ import main
-from benchmarks.harness import Card, Context, Result
+from benchmarks.harness import FWD, FWD_BWD, Card, Case, Context, Provider, Result, run_case
 from benchmarks.report import OUTPUT_FILES, fill_speedups, json_document, markdown, write_outputs
 from benchmarks.targets import Verdict, memory_ratio, speedup_vs
 
@@ -281,6 +281,9 @@ def test_varlen_smoke_run_measures_ours_and_the_padded_batch(tmp_path):
         # the same useful work for every provider: TFLOP/s * ms is constant across a case
         work = {r["metric"] * r["ms"] for r in records if r["mode"] == mode and r["ms"]}
         assert max(work) == pytest.approx(min(work))
+    deterministic = "ours-triton" + P.DETERMINISTIC_SUFFIX  # the other Triton backward, fwd+bwd only
+    assert by[(deterministic, "fwd+bwd")]["ms"] > 0 and by[(deterministic, "fwd+bwd")]["ours"]
+    assert by[(deterministic, "fwd")]["note"] == "skipped: same forward as ours-triton"
     targets = {t["label"]: t for t in doc["targets"]}
     assert len(targets) == 2 and all(t["threshold"] == 1.5 and t["sense"] == ">=" for t in targets.values())
     assert all(t["value"] is not None and t["met"] in (True, False) for t in targets.values())
@@ -392,19 +395,91 @@ def test_data_movement_report_on_the_tiny_preset():
 
 def test_attention_rows_record_the_configs_their_kernels_ran_with():
     from benchmarks.attention import attach_configs
-    from benchmarks.harness import FWD, FWD_BWD, Result
 
     def row(kernel, bucket, prefix, config, D=128):
         key = {"S_BUCKET": bucket, "HAS_PREFIX": prefix}
         return {"kernel": kernel, "head_dim": D, "key": key, "config": config}
 
-    picked = [row("dq", 256, True, "128x64 w8 s2"), row("fwd", 256, True, "128x128 w8 s3"),
-              row("dkdv", 256, True, "64x128 w8 s2"), row("fwd", 512, False, "64x64 w4 s3"),  # the decoder's
+    picked = [row("dq", 256, True, "128x64 w8 s2"), row("bwd", 256, True, "128x128 w8 s2"),
+              row("fwd", 256, True, "128x128 w8 s3"), row("dkdv", 256, True, "64x128 w8 s2"),
+              row("fwd", 512, False, "64x64 w4 s3"),  # the decoder's
               row("fwd", 256, True, "64x64 w4 s2", D=64)]
+    deterministic = "ours-triton" + P.DETERMINISTIC_SUFFIX
     results = [Result("attention", "prefix_attention", mode, "B128 H8 S256 D128", 256, provider, True, True, ms=1.0)
-               for mode in (FWD, FWD_BWD) for provider in ("ours-triton", "flex")]
+               for mode in (FWD, FWD_BWD) for provider in ("ours-triton", deterministic, "flex")]
+    results[1].ms = None  # the deterministic provider skips the forward-only mode
     attach_configs(results, picked, lambda S: 1 << max(S - 1, 0).bit_length())
-    fwd, flex, both, _ = results
+    fwd, det_fwd, flex, both, det_both, _ = results
     assert fwd.extra["triton configs"] == "fwd 128x128 w8 s3"
-    assert both.extra["triton configs"] == "fwd 128x128 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2"
-    assert "triton configs" not in flex.extra
+    assert both.extra["triton configs"] == "fwd 128x128 w8 s3; bwd 128x128 w8 s2"
+    assert det_both.extra["triton configs"] == "fwd 128x128 w8 s3; dkdv 64x128 w8 s2; dq 128x64 w8 s2"
+    assert "triton configs" not in flex.extra and "triton configs" not in det_fwd.extra
+
+
+# ---- the deterministic backward ---------------------------------------------------------------------
+
+class _RecordSwitch(torch.autograd.Function):
+    """Identity that records AIMV2_KERNELS_DETERMINISTIC in its forward and its backward."""
+
+    seen: list[tuple[str, object]] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        _RecordSwitch.seen.append(("forward", os.environ.get(P.DETERMINISTIC_ENV)))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _RecordSwitch.seen.append(("backward", os.environ.get(P.DETERMINISTIC_ENV)))
+        return grad
+
+
+def _switch_case(mode):
+    return Case("attention", "prefix_attention", mode, "s", 1, lambda grad: (torch.randn(8, requires_grad=grad),),
+                lambda _p: 1.0, "GB/s")
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_deterministic_provider_sets_the_switch_for_its_calls_and_backward_then_restores_it(monkeypatch, before):
+    if before is None:
+        monkeypatch.delenv(P.DETERMINISTIC_ENV, raising=False)
+    else:
+        monkeypatch.setenv(P.DETERMINISTIC_ENV, before)
+    cpu = Context(torch.device("cpu"), quick=True, card=Card("test", 1.0, 1.0, 0.0))
+    base = Provider("ours-triton", P.call_with(_RecordSwitch.apply), ours=True, mask="prefix")
+    det = P.deterministic(base)
+    assert (det.name, det.ours, det.mask, det.backend) == ("ours-triton deterministic", True, "prefix", None)
+    _RecordSwitch.seen.clear()
+    assert run_case(cpu, _switch_case(FWD_BWD), det).ms > 0
+    assert set(_RecordSwitch.seen) == {("forward", "1"), ("backward", "1")}
+    assert os.environ.get(P.DETERMINISTIC_ENV) == before
+    _RecordSwitch.seen.clear()
+    assert run_case(cpu, _switch_case(FWD_BWD), base).ms > 0  # the default provider leaves it alone
+    assert set(_RecordSwitch.seen) == {("forward", before), ("backward", before)}
+
+    def failing(x):
+        raise RuntimeError("boom")
+    failed = run_case(cpu, _switch_case(FWD_BWD), P.deterministic(Provider("ours-triton", P.call_with(failing))))
+    assert failed.note == "failed: RuntimeError: boom" and os.environ.get(P.DETERMINISTIC_ENV) == before
+    skipped = run_case(cpu, _switch_case(FWD), det)
+    assert skipped.ms is None and skipped.note == "skipped: same forward as ours-triton"
+
+
+@pytest.mark.parametrize("suite", [attention, varlen])
+def test_attention_suites_time_the_deterministic_backward_beside_the_default(suite):
+    for ctx in (_gpu_context(), Context(torch.device("cpu"), quick=True, card=Card("test", 1.0, 1.0, 0.0))):
+        by_name = {p.name: p for p in suite.providers(ctx)}
+        default, det = by_name["ours-triton"], by_name["ours-triton deterministic"]
+        assert det.env == {P.DETERMINISTIC_ENV: "1"} and default.env == {}
+        assert (det.ours, det.backend, det.mask, det.skip) == (True, "triton", "prefix", default.skip)
+        assert det.skip_reason(FWD) and det.skip_reason(FWD_BWD) == default.skip
+
+
+def test_auto_table_leaves_the_deterministic_rows_out():
+    from benchmarks.auto_table import choices
+
+    rows = [Result("attention", "prefix_attention", FWD_BWD, "s", 1, name, True, True, ms=ms, dtype="bfloat16",
+                   elements=1 << 25)
+            for name, ms in (("ours-triton", 2.0), ("ours-cuda", 3.0), ("ours-triton deterministic", 1.0))]
+    picked = choices(rows, cuda_tests="passed")
+    assert [r["backend"] for r in picked] == ["triton"] and set(picked[0]["ms"]) == {"ours-triton", "ours-cuda"}

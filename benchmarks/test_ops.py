@@ -40,8 +40,9 @@ def test_op_benchmark(benchmark, suite, provider_name, mode):
     ctx = _context()
     providers = {p.name: p for p in suite.providers(ctx)}
     provider = providers[provider_name]
-    if provider.skip:
-        pytest.skip(provider.skip)
+    skip = provider.skip_reason(mode)
+    if skip:
+        pytest.skip(skip)
     case = _first_case(suite, ctx, mode)
 
     # A provider of another mask (plain causal attention) or a bound that is not the op (the loss's

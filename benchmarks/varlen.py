@@ -5,7 +5,9 @@ with a fixed seed), heads 8, head dim 128, bf16; each image draws its own prefix
 GPU: 64 images of 16 to 1024 patches. CPU smoke run: 3 images of 5 to 40 tokens, fp32.
 
 Providers, all computing the same values on the same tokens:
-- ours (`ak.prefix_causal_attention_varlen`) on the packed (T, 3, H, D) projection output;
+- ours (`ak.prefix_causal_attention_varlen`) on the packed (T, 3, H, D) projection output, its
+  Triton backward both the default way and the deterministic way ("ours-triton deterministic",
+  AIMV2_KERNELS_DETERMINISTIC=1; fwd+bwd only);
 - "ours padded": our padded op `ak.prefix_causal_attention` on the Triton backend, the batch padded
   with zeros to the longest image (B, S_max, 3, H, D), one prefix per image: rows and keys past an
   image's length are wasted work (a valid row never sees them: its keys are j <= i or j < prefix);
@@ -167,7 +169,8 @@ def providers(ctx: Context) -> list[Provider]:
     ours = P.ours(ctx, ours_fn, KERNELS)
     for p in ours:
         p.mask = "prefix"
-    return [*ours, padded_provider(ctx), P.eager(sdpa_dense, "sdpa dense mask", mask="prefix"), *flex_providers(ctx, _bind_flex)]
+    return [*ours, P.deterministic(next(p for p in ours if p.backend == "triton")), padded_provider(ctx),
+            P.eager(sdpa_dense, "sdpa dense mask", mask="prefix"), *flex_providers(ctx, _bind_flex)]
 
 
 # ---- cases ---------------------------------------------------------------------------------------

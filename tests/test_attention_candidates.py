@@ -35,7 +35,11 @@ from tests.helpers import rel_err
 
 B, H = 3, 2
 SEQ_LENS = (67, 300)  # not multiples of any tile: every kernel has a partial last tile
-KERNEL_FNS = {"fwd": attention_fwd_kernel, "dkdv": attention_bwd_dkdv_kernel, "dq": attention_bwd_dq_kernel}
+# "bwd" (dQ by atomics, the default backward) is the dK/dV kernel with ATOMIC_DQ; "dkdv" and "dq" the
+# deterministic backward
+KERNEL_FNS = {"fwd": attention_fwd_kernel, "dkdv": attention_bwd_dkdv_kernel, "dq": attention_bwd_dq_kernel,
+              "bwd": attention_bwd_dkdv_kernel}
+DETERMINISTIC_KERNELS = ("dkdv", "dq")
 MODES = ("prefix", "causal", "bidirectional")
 
 # fp32 with ieee dots: near 1e-5 (SPEC section 5), per element relative to the largest magnitude.
@@ -66,10 +70,11 @@ def launches(monkeypatch):
     each tiled kernel. `run` is what both a direct launch and the autotuner (each benchmark and the
     final launch) end in, so the record also shows any candidate the autotuner tried."""
     seen: dict[str, list[tuple]] = {name: [] for name in KERNEL_FNS}
-    for name, fn in KERNEL_FNS.items():
-        def spy(*args, _run=fn.run, _name=name, **kwargs):
+    for fn in set(KERNEL_FNS.values()):
+        def spy(*args, _run=fn.run, _fn=fn, **kwargs):
             config = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs.get("num_warps"), kwargs.get("num_stages"))
-            seen[_name].append(config)
+            name = next(n for n, f in KERNEL_FNS.items() if f is _fn and n != "bwd")
+            seen["bwd" if kwargs.get("ATOMIC_DQ") else name].append(config)
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(fn, "run", spy)
@@ -160,6 +165,8 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, baseline: torch.Ten
 
 
 def _run_candidate(kernel, config, D, dtype, mode, S, device, launches, monkeypatch) -> None:
+    # the backward design whose kernel is forced (the forward's runs with the default one)
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1" if kernel in DETERMINISTIC_KERNELS else "0")
     q, k, v, dout = (torch.randn(B, H, S, D, device=device).to(dtype) for _ in range(4))
     prefix, causal = _mode(mode, S, device)
     for seen in launches.values():
@@ -267,7 +274,7 @@ def test_each_card_gets_its_arch_table():
 
 def test_gpu_case_ids_are_readable_and_unique():
     ids = [p.id for p in _gpu_cases()]
-    pattern = r"(fwd|dkdv|dq)-D(64|128)-\d+x\d+-w\d+-s\d+-(bfloat16-(prefix|causal|bidirectional)|float32-prefix)"
+    pattern = r"(fwd|dkdv|dq|bwd)-D(64|128)-\d+x\d+-w\d+-s\d+-(bfloat16-(prefix|causal|bidirectional)|float32-prefix)"
     assert all(re.fullmatch(pattern, i) for i in ids), ids
     assert len(ids) == len(set(ids))
 
@@ -281,7 +288,7 @@ def test_forced_config_is_scoped():
         assert common._forced["fwd"] is config
     assert "fwd" not in common._forced
     with pytest.raises(ValueError, match="kernel must be one of"):
-        with common.forced_config("bwd", config):
+        with common.forced_config("dk", config):
             pass
 
 
@@ -298,6 +305,8 @@ def test_autotune_switch_selects_the_first_candidate(fresh_autotuners, monkeypat
         # older triton versions silently drop a key name that is not an argument; VARLEN keeps packed
         # batches (whose S bucket is max_seqlen's) from reusing a padded batch's tuning, and back
         assert set(tuner.keys) == {"S_BUCKET", "CAUSAL", "HAS_PREFIX", "DOT_PRECISION", "VARLEN"} <= set(tuner.arg_names)
+        # the atomic backward adds into DQ_ACC: each timed candidate and the real launch start from zero
+        assert tuner.reset_to_zero == (["DQ_ACC"] if kernel == "bwd" else []), kernel
 
 
 @pytest.fixture
@@ -307,13 +316,17 @@ def through_autotuner(monkeypatch, fresh_autotuners):
 
 
 @needs_interpreter
-def test_autotune_off_launches_the_first_candidate_once(launches, through_autotuner, monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_autotune_off_launches_the_first_candidate_once(launches, through_autotuner, monkeypatch, deterministic):
     monkeypatch.setenv(common.AUTOTUNE_ENV, "0")
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1" if deterministic else "0")
     q, k, v, dout = torch.randn(4, B, H, 67, 32).unbind(0)
     _forward_backward(_kernel_op, q, k, v, dout, torch.tensor([0, 5, 40]), True)
+    ran = ("fwd", *(DETERMINISTIC_KERNELS if deterministic else ("bwd",)))
     for kernel in KERNEL_FNS:
         first = common.candidate_configs(kernel, 32, common.device_capability(q), q.element_size())[0]
-        assert launches[kernel] == [_as_tuple(first)], f"{kernel}: benchmarked or ran another config"
+        want = [_as_tuple(first)] if kernel in ran else []
+        assert launches[kernel] == want, f"{kernel}: benchmarked, ran another config or ran in the other design"
 
 
 @needs_interpreter

@@ -22,8 +22,16 @@ from tests.helpers import TOLERANCE, assert_close
 B, H = 2, 3
 
 
+@pytest.fixture(params=["atomic", "deterministic"])
+def backward_path(request, monkeypatch):
+    """Each test runs both backward designs (attention_bwd.py): dQ by atomics (the default) and the
+    deterministic one (AIMV2_KERNELS_DETERMINISTIC=1)."""
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1" if request.param == "deterministic" else "0")
+    return request.param
+
+
 @pytest.fixture
-def triton_calls(monkeypatch):
+def triton_calls(monkeypatch, backward_path):
     """Run under the triton backend, with poisoned outputs, and count calls of its attention
     implementations, so a test fails if the reference ran instead."""
     calls = {"attention_fwd": 0, "attention_bwd": 0}
@@ -163,8 +171,8 @@ def test_hidden_keys_change_nothing_and_get_no_gradient(triton_calls, device):
 
 
 @pytest.mark.parametrize("tiles", [
-    {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)},
-    {"fwd": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dq": (16, 32, 4, 1)},
+    {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1), "bwd": (16, 16, 4, 1)},
+    {"fwd": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dq": (16, 32, 4, 1), "bwd": (32, 16, 4, 1)},
 ], ids=["square", "transposed"])
 def test_other_tile_shapes(triton_calls, device, monkeypatch, tiles):
     """The range arithmetic must hold for any power-of-two tiles, not only the default ones."""
@@ -246,24 +254,129 @@ def test_tile_classification_matches_dense_mask(device, S, tile):
         assert (round(computed / dense, 2), round(masked / dense, 2)) == numbers
 
 
+# ---- the two backward designs -------------------------------------------------------------------
+
+def test_torch_compile(triton_calls, device):
+    """The custom ops under torch.compile (not the eager fast path), in both backward designs."""
+    S = 67
+    q, k, v = (torch.randn(B, H, S, 32, device=device, requires_grad=True) for _ in range(3))
+    prefix = torch.tensor([3, 40], device=device)
+    compiled = torch.compile(lambda q, k, v: ak.prefix_causal_attention(q, k, v, prefix), fullgraph=True,
+                             backend="aot_eager")
+    out = compiled(q, k, v)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), _reference(q, k, v, prefix, True, dout)):
+        assert_close(got, want, 2e-5, f"{name} under torch.compile")
+    assert triton_calls["attention_fwd"] == 1 and triton_calls["attention_bwd"] == 1
+
+
+@pytest.mark.parametrize("torch_switch,env,want", [
+    (False, None, ["bwd"]), (False, "0", ["bwd"]), (True, None, ["dkdv", "dq"]), (False, "1", ["dkdv", "dq"]),
+])
+def test_deterministic_algorithms_pick_the_backward(monkeypatch, torch_switch, env, want):
+    """PyTorch's switch or AIMV2_KERNELS_DETERMINISTIC=1 runs dK/dV and dQ as two kernels (no
+    atomics); otherwise one kernel ("bwd") adds dQ with atomics. Read at each backward call."""
+    from aimv2_kernels.triton_backend import attention_bwd
+
+    launched = []
+    real_launch = attention_bwd.launch
+    monkeypatch.setattr(attention_bwd, "launch", lambda fn, kernel, *a: (launched.append(kernel), real_launch(fn, kernel, *a)))
+    if env is None:
+        monkeypatch.delenv(backend.DETERMINISTIC_ENV, raising=False)
+    else:
+        monkeypatch.setenv(backend.DETERMINISTIC_ENV, env)
+    q, k, v = (torch.randn(1, 1, 40, 16, requires_grad=True) for _ in range(3))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(torch_switch)
+    try:
+        with ak.use_backend("triton"):
+            ak.prefix_causal_attention(q, k, v, 5).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert launched == want
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch):
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1")
+    q, k, v = (torch.randn(4, 8, 334, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    prefix = torch.randint(1, 334, (4,), device="cuda")
+    dout = torch.randn(4, 8, 334, 128, device="cuda", dtype=torch.bfloat16)
+    with ak.use_backend("triton"):
+        runs = [torch.autograd.grad(ak.prefix_causal_attention(q, k, v, prefix), (q, k, v), dout) for _ in range(3)]
+    for grads in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], grads))
+
+
+# ---- the prefix check: one launch on CUDA --------------------------------------------------------
+
+@pytest.mark.skipif(not backend.interpreter_enabled(), reason="runs the kernel in TRITON_INTERPRET=1")
+def test_prefix_check_kernel_asserts_on_a_negative_length(monkeypatch):
+    from triton.runtime import interpreter
+    from triton.runtime.errors import InterpreterError
+
+    from aimv2_kernels.triton_backend.prefix_check import prefix_check_kernel
+
+    # The interpreter runs device asserts only with its own debug option (on a GPU the kernel's
+    # debug=True compiles them in).
+    monkeypatch.setattr(interpreter.interpreter_builder, "options", interpreter.InterpreterOptions(debug=True))
+    good = torch.tensor([0, 5, 3000], dtype=torch.int32)
+    prefix_check_kernel[(1,)](good, 3, 1, BLOCK=2)  # two loop steps, the second one masked
+    bad = torch.tensor([[0, 9], [5, 9], [-1, 9]])[:, 0]  # int64, a strided view, the negative one last
+    with pytest.raises(InterpreterError, match="prefix_len must be >= 0"):  # the interpreter's AssertionError
+        prefix_check_kernel[(1,)](bad, 3, bad.stride(0), BLOCK=2)
+
+
+def test_prefix_check_resolves_to_one_launch_on_cuda_and_the_host_check_on_cpu():
+    with ak.use_backend("triton"):
+        assert backend.unavailable_reason("triton") is None
+        assert backend.resolve("prefix_check", torch.device("cuda"))[0] == "triton"
+        # on the CPU the triton implementation defers to the host check: a ValueError at once
+        name, check = backend.resolve("prefix_check", torch.device("cpu"))
+        with pytest.raises(ValueError, match="prefix_len must be >= 0 for every sample"):
+            check(torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="prefix_len must be >= 0"):
+        ak.prefix_causal_attention(*torch.randn(3, 2, 1, 8, 16).unbind(0), torch.tensor([3, -1]))
+
+
+@pytest.mark.gpu
+def test_gpu_negative_prefix_fails_the_device_assert():
+    """In a child process: a device assert leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+
+    code = ("import torch, aimv2_kernels as ak\n"
+            "q = torch.randn(2, 2, 64, 64, device='cuda', dtype=torch.bfloat16)\n"
+            "with ak.use_backend('triton'):\n"
+            "    ak.prefix_causal_attention(q, q, q, torch.tensor([3, -1], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "prefix_len must be >= 0" in run.stdout + run.stderr, run.stderr[-2000:]
+
+
 # ---- recompilation: prefix values never reach the compiler --------------------------------------
 
 class _ArgumentSpy:
     """Stands in for a @triton.jit kernel: records what a compiled kernel is specialized on (dtypes
-    and 16-byte alignment of tensors, values of everything else, constexprs included), then launches."""
+    and 16-byte alignment of tensors, values of everything else, constexprs included), then launches.
+    Both launch routes end in `run` (`kernel[grid](...)`, and the heuristics wrapper of the tiled
+    kernels, which also reads `arg_names`)."""
 
     def __init__(self, kernel, seen):
         self.kernel, self.seen = kernel, seen
+        self.arg_names = kernel.arg_names
 
     def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            def key(a):
-                if isinstance(a, torch.Tensor):
-                    return ("tensor", a.dtype, a.data_ptr() % 16 == 0)
-                return a
-            self.seen.append((tuple(map(key, args)), tuple(sorted((k, key(v)) for k, v in kwargs.items()))))
-            return self.kernel[grid](*args, **kwargs)
-        return run
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        def key(a):
+            if isinstance(a, torch.Tensor):
+                return ("tensor", a.dtype, a.data_ptr() % 16 == 0)
+            return a
+        self.seen.append((tuple(map(key, args)), tuple(sorted((k, key(v)) for k, v in kwargs.items()))))
+        return self.kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the launch arguments are spied on the interpreter's direct launches; "
@@ -282,12 +395,12 @@ def test_prefix_values_do_not_change_the_launch_signature(triton_calls, monkeypa
         with monkeypatch.context() as m:
             for module, names in ((attention_fwd, ["attention_fwd_kernel"]),
                                   (attention_bwd, ["attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
-                                                   "attention_bwd_dq_kernel"])):
+                                                   "attention_bwd_dq_kernel", "attention_bwd_dq_convert_kernel"])):
                 for name in names:
                     m.setattr(module, name, _ArgumentSpy(getattr(module, name), seen))
             out = ak.prefix_causal_attention(q, k, v, torch.tensor(values, dtype=torch.int32))
             torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-        assert len(seen) == 4, "expected one launch of each of the four kernels"
+        assert len(seen) == 4, "expected four launches: forward, preprocess, dK/dV, dQ (or its conversion)"
         signatures.append(seen)
     for values, seen in zip(([0, 0], [S, S + 9], [1, 0]), signatures[1:]):
         assert seen == signatures[0], f"prefix values {values} changed a kernel's launch signature"

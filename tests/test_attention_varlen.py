@@ -23,16 +23,18 @@ H, D = 2, 16
 VARLEN_KERNELS = ("attention_varlen_fwd", "attention_varlen_bwd")
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "triton-deterministic"])
 def impl(request, monkeypatch):
     """Run the test under this backend; for "triton", with poisoned outputs and counting the calls of
-    its varlen implementations (yields {kernel: calls}, checked by `_assert_launched`)."""
+    its varlen implementations (yields {kernel: calls}, checked by `_assert_launched`). "triton" runs
+    the default backward (dQ by atomics), "triton-deterministic" the deterministic one."""
     if request.param == "torch":
         with ak.use_backend("torch"):
             yield None
         return
     if backend.unavailable_reason("triton") is not None:  # also imports the triton kernel modules
         pytest.skip(backend.unavailable_reason("triton"))
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1" if request.param == "triton-deterministic" else "0")
     calls = dict.fromkeys(VARLEN_KERNELS, 0)
     with ak.use_backend("triton"), poisoned_outputs():
         for name in VARLEN_KERNELS:
@@ -320,8 +322,8 @@ def test_bad_input_is_named(kwargs, error, words):
 @pytest.mark.skipif(not backend.interpreter_enabled(), reason="the GPU runs every candidate in test_attention_candidates.py")
 @pytest.mark.parametrize("impl", ["triton"], indirect=True)
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq"])
-def test_first_candidate_of_each_arch_table(impl, device, kernel, arch):
+@pytest.mark.parametrize("kernel", ["fwd", "dkdv", "dq", "bwd"])
+def test_first_candidate_of_each_arch_table(impl, device, kernel, arch, monkeypatch):
     """The VARLEN kernels at the config a GPU runs first (the one compile_check checks for varlen),
     D = 128, in fp32 in the interpreter: sequences shorter than, across and longer than one tile."""
     from aimv2_kernels.triton_backend import attention as common
@@ -331,6 +333,8 @@ def test_first_candidate_of_each_arch_table(impl, device, kernel, arch):
     q, k, v = (torch.randn(T, H, 128, device=device, requires_grad=True) for _ in range(3))
     prefix_len = _prefix_for("edges", lengths, device)
     config = common.candidate_configs(kernel, 128, common.TABLE_CAPABILITIES[arch])[0]
+    # dkdv and dq are the deterministic backward's kernels, bwd the atomic one's
+    monkeypatch.setenv(backend.DETERMINISTIC_ENV, "1" if kernel in ("dkdv", "dq") else "0")
     with common.forced_config(kernel, config):
         out = ak.prefix_causal_attention_varlen(q, k, v, cu, max(lengths), prefix_len, causal=True)
         dout = torch.randn_like(out)

@@ -33,14 +33,14 @@ def losses(out) -> dict[int, tuple]:
 
 def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(tmp_path):
     full = tmp_path / "full"
-    summary = train(small_config(full))
+    summary = train(small_config(full, deterministic=True))  # needed for the same bits on a GPU
     assert summary["step"] == 6 and os.path.isfile(full / "loss.png")
     reference = losses(full)
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
 
     # a new directory, resumed from the step-3 checkpoint the first run wrote on the way
     resumed = tmp_path / "resumed"
-    train(small_config(resumed, resume=ckpt.checkpoint_path(str(full), 3)))
+    train(small_config(resumed, resume=ckpt.checkpoint_path(str(full), 3), deterministic=True))
     got = losses(resumed)
     assert sorted(got) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -48,8 +48,35 @@ def test_resume_from_a_mid_run_checkpoint_repeats_the_run_exactly(tmp_path):
 
     # the same directory with --resume (latest): the run died after step 3; its log is cut back to step 3
     os.remove(ckpt.checkpoint_path(str(full), 6))
-    train(small_config(full, resume="latest"))
+    train(small_config(full, resume="latest", deterministic=True))
     assert losses(full) == reference
+
+
+def test_deterministic_holds_for_the_run_and_train_restores_the_setting(tmp_path, monkeypatch):
+    """--deterministic turns torch's deterministic algorithms on (warn-only) for the run, keeps a
+    caller's strict setting, and train() leaves the process's setting as it found it."""
+    from aimv2 import train as train_module
+
+    def setting():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    seen = []
+    real_step = train_module.Trainer.train_step
+
+    def watched_step(self):
+        seen.append(setting())
+        return real_step(self)
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", watched_step)
+    assert setting() == (False, False)
+    train(small_config(tmp_path / "off", steps=1, deterministic=True))
+    assert seen == [(True, True)] and setting() == (False, False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        train(small_config(tmp_path / "strict", steps=1, deterministic=True))
+        assert seen[-1] == (True, False) and setting() == (True, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_gradient_accumulation_gives_the_full_batch_step(tmp_path):

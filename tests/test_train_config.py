@@ -41,6 +41,15 @@ def test_resume_flag_and_merge_keeps_the_stored_options():
     assert (merged.steps, merged.lr, merged.batch_size, merged.resume) == (800, 0.005, 64, "latest")
 
 
+def test_deterministic_flag_and_resume_keeps_the_stored_one():
+    assert parse_args([]).deterministic is False
+    assert parse_args(["--deterministic"]).deterministic is True
+    assert parse_args(["--deterministic", "--no-deterministic"]).deterministic is False
+    saved = TrainConfig(deterministic=True).to_dict()
+    assert merge_for_resume(saved, parse_args(["--resume"])).deterministic is True
+    assert merge_for_resume(saved, parse_args(["--resume", "--no-deterministic"])).deterministic is False
+
+
 def test_bad_options_are_reported(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--steps", "0"])

@@ -16,10 +16,15 @@ from ..layouts import empty_bshd_output, empty_grads, empty_packed_grads, packed
 from .autograd import call, register_autograd
 from ..validation import (
     attention_scale,
-    check_prefix_values,
     check_qkv,
     prefix_tensor,
 )
+
+
+def check_prefix(prefix_len: Tensor) -> None:
+    """prefix_len >= 0, checked by the backend that serves its device: on the host for CPU tensors,
+    asynchronously on the GPU (no sync; one tiny launch under "triton")."""
+    resolve("prefix_check", prefix_len.device)[1](prefix_len)
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
@@ -29,7 +34,7 @@ from ..validation import (
 def _attention(q: Tensor, k: Tensor, v: Tensor, prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Returns (out (B, H, S, D) view of (B, S, H, D) memory, lse (B, H, S) float32)."""
     if prefix_len is not None:
-        check_prefix_values(prefix_len)
+        check_prefix(prefix_len)
     return resolve("attention_fwd", q.device, q)[1](q, k, v, prefix_len, causal, scale)
 
 

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve
-from ..validation import attention_scale, check_head_dim, check_last_dim_contiguous, check_prefix_values, check_tensor
+from ..validation import attention_scale, check_head_dim, check_last_dim_contiguous, check_tensor
 from ..layouts import empty_bshd_output
-from .attention import _prefix_tensor
+from .attention import _prefix_tensor, check_prefix
 from .autograd import call, register_autograd
 
 
@@ -28,7 +28,7 @@ def _views(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _attention_qkvpacked(qkv: Tensor, prefix_len: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Returns (out (B, S, H, D) contiguous, lse (B, H, S) float32)."""
     if prefix_len is not None:
-        check_prefix_values(prefix_len)
+        check_prefix(prefix_len)
     q, k, v = _views(qkv)
     out, lse = resolve("attention_fwd", qkv.device, q)[1](q, k, v, prefix_len, causal, scale)
     return out.transpose(1, 2), lse  # the kernels' (B, H, S, D) view of (B, S, H, D) memory, as (B, S, H, D)

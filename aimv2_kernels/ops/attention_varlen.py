@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 
 from ..backend import resolve
+from .attention import check_prefix
 from .autograd import call, register_autograd
 from ..validation import (
     attention_scale,
     check_cu_seqlens,
     check_cu_seqlens_values,
     check_max_seqlen,
-    check_prefix_values,
     check_qkv,
     prefix_tensor,
 )
@@ -44,7 +44,7 @@ def _attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_s
     """Returns (out (T, H, D), lse (H, T) float32, float64 for float64 inputs)."""
     check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     if prefix_len is not None:
-        check_prefix_values(prefix_len)
+        check_prefix(prefix_len)
     return resolve("attention_varlen_fwd", q.device, q)[1](q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
 
 

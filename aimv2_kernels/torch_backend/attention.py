@@ -9,6 +9,11 @@ from torch import Tensor
 from .. import reference as ref
 from ..backend import register
 from ..layouts import empty_bshd_output, empty_grads
+from ..validation import check_prefix_values
+
+# prefix_len >= 0: at once on the host for CPU tensors, three asynchronous launches on CUDA (the
+# "triton" backend's check is one)
+register("prefix_check", "torch")(check_prefix_values)
 
 
 # On the CPU, ATen's fused flash-attention kernels (forward with the log-sum-exp, and its backward)

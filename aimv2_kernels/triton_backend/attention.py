@@ -187,6 +187,11 @@ def tile_work(S: int, prefix: int, block_m: int, block_n: int) -> tuple[int, int
 # under 4 at D = 64: at D = 128 that spills); dQ at 128 queries with 8 warps. sm_80's mma.sync lays its warps out differently (8 warps
 # on a 64 x 32 score tile still repeat columns) and keeps operands in registers, which limits tiles.
 #
+# "bwd" is the dK/dV kernel of the atomic backward (attention_bwd.py): it also forms a (BLOCK_M, D)
+# fp32 dQ tile per step, so its query tiles are shorter than dK/dV's where registers ran out (the
+# tiles tried, in `python -m aimv2_kernels.compile_check --only attention_bwd_bwd`). "dkdv" and "dq" are the
+# deterministic backward's kernels.
+#
 # dK/dV keeps two (BLOCK_N, D) fp32 accumulators, dQ one. A head dim without its own entry uses the
 # next larger one (D = 16 uses D = 32's forward set and the D = 64 backward sets). GPUs with less
 # shared memory than sm_80/sm_90 get num_stages capped at 2 (a config that still does not fit is
@@ -209,6 +214,11 @@ _CANDIDATES = {
             128: [(128, 64, 8, 2), (128, 32, 8, 3)],
             256: [(32, 32, 4, 2), (64, 32, 8, 2)],
         },
+        "bwd": {
+            64: [(64, 128, 8, 3), (64, 64, 4, 3)],
+            128: [(32, 128, 8, 2), (32, 128, 8, 3)],  # 64 x 128 spills (dQ's 64 x 128 fp32 tile on top)
+            256: [(32, 32, 8, 2)],
+        },
     },
     80: {
         "fwd": {
@@ -227,12 +237,17 @@ _CANDIDATES = {
             128: [(128, 32, 8, 2), (64, 32, 4, 3)],
             256: [(32, 32, 4, 2), (64, 32, 8, 2)],
         },
+        "bwd": {
+            64: [(32, 128, 8, 3), (32, 64, 4, 3)],
+            128: [(16, 128, 8, 2)],  # every 32-query tile tried spills here
+            256: [(32, 32, 8, 2)],
+        },
     },
 }
 # D256_NOTE: D = 256 (no AIMv2 size, not hot in compile_check) keeps tiles whose layouts repeat rows
 # (8 warps on 32 or 64 rows) but compile without spills; the non-repeating 4-warp tiles tried (forward
 # 64 x 32, dK/dV 32 x 64, dQ 64 x 32) spilled on both arches, dK/dV by up to 5.8 KB of stack on sm_80.
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "bwd")
 # float32 inputs take twice the shared memory per tile: their own, smaller sets. Every first entry
 # fits the 163 KiB per block of sm_80 (compile_check fails a first candidate that does not); shared
 # bytes on sm_80 at D = 64 / 128 / 256: fwd 41 / 74 / 103 KiB, dK/dV 37 / 70 / 100, dQ 37 / 70 / 135.
@@ -253,10 +268,15 @@ _CANDIDATES_FP32 = {
         128: [(32, 32, 4, 2), (64, 32, 4, 2)],
         256: [(32, 32, 4, 2), (32, 32, 4, 1)],
     },
+    "bwd": {
+        64: [(32, 32, 8, 2), (32, 64, 8, 2)],
+        128: [(32, 32, 8, 2), (16, 32, 4, 2)],
+        256: [(16, 32, 4, 2), (32, 32, 4, 1)],
+    },
 }
 # The interpreter runs one fixed small config (fast on CPU); tiles are deliberately not square so the
 # tests exercise BLOCK_M != BLOCK_N in both directions, as the GPU configs do.
-_INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+_INTERPRETER = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1), "bwd": (32, 64, 4, 1)}
 PREPROCESS_BLOCK_M = 64  # rows per program of the delta = rowsum(dO * O) kernel
 
 
@@ -301,7 +321,8 @@ def kernel_config(name: str, kernel_fn, signature: dict[str, str], head_dim: int
     the config comes from (None: compiled for every arch checked)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     constexprs = dict(HAS_PREFIX=has_prefix, CAUSAL=True, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
-                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows, VARLEN=varlen)
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", LONG_ROWS=long_rows, VARLEN=varlen,
+                      EVEN_S=even_s(dict(VARLEN=varlen, S=CASE_LENGTHS.get(case, 1), BLOCK_M=bm, BLOCK_N=bn)))
     if not has_prefix:
         constexprs["PREFIX"] = None
     if not varlen:
@@ -316,6 +337,8 @@ FP32_HEAD_DIMS = (32, 64, 128, 256)  # fp32 compile-check entries: the first can
 
 # AIMv2 uses: encoder (S=256, per-sample prefix) and decoder (S=334, plain causal), head dim 128; 64 too.
 AIMV2_CASES = (("enc S=256 prefix", True), ("dec S=334 causal", False))
+# case label -> its S, for EVEN_S (a case without one checks the bounds-masked variant)
+CASE_LENGTHS = {"enc S=256 prefix": 256, "dec S=334 causal": 334}
 
 
 def interpreter_config(kernel: str) -> dict:
@@ -326,6 +349,19 @@ def interpreter_config(kernel: str) -> dict:
 def s_bucket(S: int) -> int:
     """Autotuning key for the sequence length: the next power of two (256 and 334 tune separately)."""
     return 1 << max(S - 1, 0).bit_length()
+
+
+def even_s(args: dict) -> bool:
+    """EVEN_S for a launch's arguments (config included): every tile lies inside S, so the kernels
+    drop the bounds masks of their loads and stores. Padded batches only: with VARLEN, S is the
+    grid's max_seqlen, not a sequence's length."""
+    return not args["VARLEN"] and args["S"] % args["BLOCK_M"] == 0 and args["S"] % args["BLOCK_N"] == 0
+
+
+@functools.cache
+def _with_even_s(kernel_fn):
+    # A heuristic, not a launcher argument: it depends on the tile, which the autotuner picks.
+    return triton.heuristics({"EVEN_S": even_s})(kernel_fn)
 
 
 AUTOTUNE_ENV = "AIMV2_KERNELS_AUTOTUNE"
@@ -355,10 +391,16 @@ def autotuned(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int]
 _tuners: dict[tuple, triton.runtime.Autotuner] = {}
 
 
+# Buffers a kernel accumulates into (atomic adds): the autotuner zeroes them before timing each
+# candidate and again before the real launch, or every timed run would add to the result.
+ACCUMULATED = {"bwd": ["DQ_ACC"]}
+
+
 @functools.cache
 def _autotuner(kernel_fn, kernel: str, head_dim: int, capability: tuple[int, int], element_size: int, tune: bool):
     configs = candidate_configs(kernel, head_dim, capability, element_size)
-    tuner = triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY)(kernel_fn)
+    tuner = triton.autotune(configs=configs if tune else configs[:1], key=AUTOTUNE_KEY,
+                            reset_to_zero=ACCUMULATED.get(kernel))(_with_even_s(kernel_fn))
     _tuners[(kernel, head_dim, capability, element_size, tune)] = tuner
     return tuner
 
@@ -430,10 +472,11 @@ def launch(kernel_fn, kernel: str, grid: Callable[[dict], tuple[int, ...]], t: t
            args: tuple, meta: dict) -> None:
     """Launch `kernel_fn` for tensors like `t`: a fixed config directly, else through the autotuner.
     `grid` maps the config's keywords (BLOCK_M, BLOCK_N) to the grid, for both routes; `meta` holds
-    the constexprs, HEAD_DIM included, passed as keywords so the autotuner keys on them."""
+    the constexprs, HEAD_DIM included, passed as keywords so the autotuner keys on them. EVEN_S is
+    derived from S and the config (`even_s`)."""
     config = fixed_config(kernel, t)
     if config is not None:
-        kernel_fn[grid(config)](*args, **meta, **config)
+        _with_even_s(kernel_fn)[grid(config)](*args, **meta, **config)
     else:
         autotuned(kernel_fn, kernel, meta["HEAD_DIM"], device_capability(t), t.element_size())[grid](*args, **meta)
 

@@ -44,15 +44,16 @@ from .common import device_context, poison
 def _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, start, end,
                   prefix, S, qk_scale,
                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  LONG_ROWS: tl.constexpr):
+                  LONG_ROWS: tl.constexpr, EVEN_S: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end). MASKED=False only for
-    blocks that lie inside S and are visible to every query of the tile."""
+    blocks that lie inside S and are visible to every query of the tile; with EVEN_S every block
+    lies inside S, so even the masked ones load without bounds checks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n  # (BLOCK_N,) key positions
-        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED, LONG_ROWS)  # (BLOCK_N, D)
-        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED, LONG_ROWS)
+        k = load_rows(k_base, stride_ks, cols, offs_d, S, MASKED and not EVEN_S, LONG_ROWS)  # (BLOCK_N, D)
+        v = load_rows(v_base, stride_vs, cols, offs_d, S, MASKED and not EVEN_S, LONG_ROWS)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             s = tl.where(visibility(offs_m[:, None], cols[None, :], prefix), s, float("-inf"))
@@ -86,6 +87,7 @@ def attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LONG_ROWS: tl.constexpr,  # int64 row offsets (see row_ptrs)
     VARLEN: tl.constexpr,  # packed sequences: Q, K, V, O are (T, H, D), see program_coords
+    EVEN_S: tl.constexpr,  # S is a multiple of both tiles: no bounds masks (attention.even_s)
 ):
     # From here on S is this sample's (sequence's) length.
     off_b64, off_h64, m0, prefix, S, stats_row = program_coords(PREFIX, CU_SEQLENS, S, T, H, BLOCK_M, True,
@@ -100,21 +102,26 @@ def attention_fwd_kernel(
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = load_rows(q_base, stride_qs, offs_m, offs_d, S, True, LONG_ROWS)  # (BLOCK_M, D)
+    q = load_rows(q_base, stride_qs, offs_m, offs_d, S, not EVEN_S, LONG_ROWS)  # (BLOCK_M, D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_end, hi = key_ranges(m0, prefix, S, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                  0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION, LONG_ROWS)
+                                  0, full_end, prefix, S, qk_scale, False, BLOCK_N, DOT_PRECISION, LONG_ROWS, EVEN_S)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                                  full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION, LONG_ROWS)
+                                  full_end, hi, prefix, S, qk_scale, True, BLOCK_N, DOT_PRECISION, LONG_ROWS, EVEN_S)
 
-    out = acc / l_i[:, None]
-    tl.store(row_ptrs(o_base, stride_os, offs_m, offs_d, LONG_ROWS), out.to(O.dtype.element_ty), mask=offs_m[:, None] < S)
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    o_ptrs = row_ptrs(o_base, stride_os, offs_m, offs_d, LONG_ROWS)
     lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log for the caller and the backward
-    tl.store(LSE + stats_row + offs_m, lse, mask=offs_m < S)
+    if EVEN_S:
+        tl.store(o_ptrs, out)
+        tl.store(LSE + stats_row + offs_m, lse)
+    else:
+        tl.store(o_ptrs, out, mask=offs_m[:, None] < S)
+        tl.store(LSE + stats_row + offs_m, lse, mask=offs_m < S)
 
 
 # ---- launcher ------------------------------------------------------------------------------------
@@ -157,7 +164,7 @@ def _signature(dtype: str, has_prefix: bool, varlen: bool = False) -> dict[str, 
         sig.update({f"stride_{t}b": "i32", f"stride_{t}h": "i32", f"stride_{t}s": "i32"})
     sig.update({"H": "i32", "S": "i32", "T": "i32" if varlen else "constexpr", "S_BUCKET": "i32", "qk_scale": "fp32"})
     sig.update({name: "constexpr" for name in ("HAS_PREFIX", "CAUSAL", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "LONG_ROWS",
-                                               "VARLEN")})
+                                               "VARLEN", "EVEN_S")})
     return sig
 
 

@@ -14,15 +14,15 @@ the grid and picks the autotuning S bucket.
 
 The row statistics (lse, delta) are (H, T) fp32, the layout of the "torch" backend
 (ops/attention_varlen.py), so either backend's forward pairs with either backward. The delta
-preprocess needs no VARLEN: it is row-wise, so it runs as the padded kernel on the packed tokens seen
-as one (1, H, T, D) sample.
+preprocess (and the atomic path's dQ conversion) needs no VARLEN: it is row-wise, so it runs as the
+padded kernel on the packed tokens seen as one (1, H, T, D) sample.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from ..backend import fallback, register
+from ..backend import deterministic_algorithms, fallback, register
 from .kernel_config import KernelConfig
 from . import attention_bwd, attention_fwd
 from .attention import (
@@ -82,37 +82,50 @@ def attention_varlen_forward(q, k, v, cu_seqlens, max_seqlen: int, prefix_len, c
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, prefix_len, causal: bool,
                               scale: float):
-    """-> (dq, dk, dv), each allocated like its input (as the op's fake kernel)."""
+    """-> (dq, dk, dv), each allocated like its input (as the op's fake kernel). The padded
+    backward's two designs (attention_bwd.py), chosen the same way."""
     T, H, D = q.shape
     n = cu_seqlens.shape[0] - 1
     dout, out = unit_last_stride(dout), unit_last_stride(out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(H, T, device=q.device, dtype=torch.float32)
-    poison(dq, dk, dv, delta)
+    atomic = not deterministic_algorithms()
+    dq_acc = torch.empty(T, H, D, device=q.device, dtype=torch.float32) if atomic else None
+    poison(dq, dk, dv, delta, dq_acc)
     if T == 0:
         return dq, dk, dv
     lse = lse.contiguous()  # (H, T), indexed as head * T + token
     prefix = prefix_argument(prefix_len, causal)
     cu = cu_seqlens.contiguous()
     strides = (*_token_strides(q), *_token_strides(k), *_token_strides(v), *_token_strides(dout))
+    acc_strides = _token_strides(dq_acc) if atomic else (0, 0, 0)
     common = (H, max_seqlen, T, s_bucket(max_seqlen), scale, scale * LOG2E)
-    long_offsets = _long_rows(max_seqlen, q, k, v, dout, dq, dk, dv)
+    long_offsets = _long_rows(max_seqlen, q, k, v, dout, dq, dk, dv, *([dq_acc] if atomic else []))
     meta = dict(HAS_PREFIX=prefix is not None, CAUSAL=causal, HEAD_DIM=D, DOT_PRECISION=dot_precision(q.dtype),
                 LONG_ROWS=long_offsets, VARLEN=True)
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, prefix, cu, *strides, *_token_strides(dk), *_token_strides(dv),
-                 *common)
-    dq_args = (q, k, v, dout, lse, delta, dq, prefix, cu, *strides, *_token_strides(dq), *common)
+    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, dq_acc, prefix, cu, *strides, *_token_strides(dk), *_token_strides(dv),
+                 *acc_strides, *common)
+    # The row-wise passes run as the padded kernels over one sample of T rows, (0, head, token)
+    # strides; their rows span all T tokens, hence T (not max_seqlen) for the int64 decision.
+    rows_grid = (H * triton.cdiv(T, PREPROCESS_BLOCK_M),)
+    acc_rows = (0, dq_acc.stride(1), dq_acc.stride(0)) if atomic else (0, 0, 0)
+    row_long = _long_rows(T, out, dout, dq, *([dq_acc] if atomic else []))
     with device_context(q):
-        # delta (H, T) = rowsum(dO * O): the padded kernel over one sample of T rows, (0, head, token)
-        # strides; its rows span all T tokens, hence T (not max_seqlen) for the int64 decision.
-        attention_bwd.attention_bwd_preprocess_kernel[(H * triton.cdiv(T, PREPROCESS_BLOCK_M),)](
-            out, dout, delta, 0, out.stride(1), out.stride(0), 0, dout.stride(1), dout.stride(0), H, T,
-            HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, LONG_ROWS=_long_rows(T, out, dout))
-        # dK/dV: one program per (sequence, head, key block); dQ: one per (sequence, head, query tile).
-        launch(attention_bwd.attention_bwd_dkdv_kernel, "dkdv",
-               lambda c: (n * H * triton.cdiv(max_seqlen, c["BLOCK_N"]),), q, dkdv_args, meta)
-        launch(attention_bwd.attention_bwd_dq_kernel, "dq",
-               lambda c: (n * H * triton.cdiv(max_seqlen, c["BLOCK_M"]),), q, dq_args, meta)
+        # delta (H, T) = rowsum(dO * O), and the dQ accumulator zeroed
+        attention_bwd.attention_bwd_preprocess_kernel[rows_grid](
+            out, dout, delta, dq_acc, 0, out.stride(1), out.stride(0), 0, dout.stride(1), dout.stride(0), *acc_rows, H, T,
+            HEAD_DIM=D, BLOCK_M=PREPROCESS_BLOCK_M, LONG_ROWS=row_long, ZERO_DQ=atomic)
+        # dK/dV (with atomics dQ too): one program per (sequence, head, key block)
+        launch(attention_bwd.attention_bwd_dkdv_kernel, "bwd" if atomic else "dkdv",
+               lambda c: (n * H * triton.cdiv(max_seqlen, c["BLOCK_N"]),), q, dkdv_args, {**meta, "ATOMIC_DQ": atomic})
+        if atomic:
+            attention_bwd.attention_bwd_dq_convert_kernel[rows_grid](
+                dq_acc, dq, *acc_rows, 0, dq.stride(1), dq.stride(0), H, T, scale, HEAD_DIM=D,
+                BLOCK_M=PREPROCESS_BLOCK_M, LONG_ROWS=row_long)
+        else:  # dQ: one program per (sequence, head, query tile)
+            dq_args = (q, k, v, dout, lse, delta, dq, prefix, cu, *strides, *_token_strides(dq), *common)
+            launch(attention_bwd.attention_bwd_dq_kernel, "dq",
+                   lambda c: (n * H * triton.cdiv(max_seqlen, c["BLOCK_M"]),), q, dq_args, meta)
     return dq, dk, dv
 
 
@@ -140,14 +153,16 @@ def _attention_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen
 def compile_configs() -> list[KernelConfig]:
     """The VARLEN variants at the first candidate of each kernel for each arch's table, bf16, D = 128
     (the AIMv2 head dim; packed native-resolution encoders with a per-image prefix, decoders plain
-    causal): hot, so a spill or duplicated dot work fails the check. The preprocess is the padded
-    kernel, checked with it."""
-    kernels = (("fwd", attention_fwd.attention_fwd_kernel, lambda p: attention_fwd._signature("*bf16", p, varlen=True)),
-               ("dkdv", attention_bwd.attention_bwd_dkdv_kernel,
-                lambda p: attention_bwd._signature("dkdv", "*bf16", p, varlen=True)),
-               ("dq", attention_bwd.attention_bwd_dq_kernel,
-                lambda p: attention_bwd._signature("dq", "*bf16", p, varlen=True)))
-    return [kernel_config(f"attention_varlen_{name}", fn, signature(has_prefix), 128, case.split(" S=")[0], has_prefix,
-                          candidate_configs(name, 128, capability)[0], True, varlen=True, arch=arch)
-            for name, fn, signature in kernels for case, has_prefix in AIMV2_CASES
-            for arch, capability in TABLE_CAPABILITIES.items()]
+    causal): hot, so a spill or duplicated dot work fails the check. The row-wise passes are the
+    padded kernels, checked with them."""
+    configs = [kernel_config("attention_varlen_fwd", attention_fwd.attention_fwd_kernel,
+                             attention_fwd._signature("*bf16", has_prefix, varlen=True), 128,
+                             case.split(" S=")[0], has_prefix, candidate_configs("fwd", 128, capability)[0], True,
+                             varlen=True, arch=arch)
+               for case, has_prefix in AIMV2_CASES for arch, capability in TABLE_CAPABILITIES.items()]
+    configs += [attention_bwd.kernel_entry(kernel, 128, case.split(" S=")[0], has_prefix,
+                                           candidate_configs(kernel, 128, capability)[0], True, arch, varlen=True,
+                                           op="attention_varlen")
+                for kernel in attention_bwd.KERNEL_FUNCTIONS for case, has_prefix in AIMV2_CASES
+                for arch, capability in TABLE_CAPABILITIES.items()]
+    return configs
