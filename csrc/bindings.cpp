@@ -13,7 +13,8 @@ TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
   m.set_python_module("aimv2_kernels.cuda_backend.kernels");
   m.def("cuda_rms_norm_fwd(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
   m.def("cuda_rms_norm_residual_fwd(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("cuda_rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual) -> (Tensor, Tensor)");
+  m.def("cuda_rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual, "
+        "ScalarType? narrow_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("cuda_swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("cuda_swiglu_packed_fwd(Tensor x) -> Tensor");

@@ -21,12 +21,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_fwd(const at::T
                                                                      const std::optional<at::Tensor>& weight,
                                                                      double eps);
 
-// (dx + dresidual, dweight in weight's dtype or an empty tensor without weight); dx and dresidual have
-// x's dtype, dy x's or, when x is a float32 stream, float16/bfloat16 (y's dtype). dweight is summed
-// deterministically (per-block partial sums, then a fixed-order reduction over blocks).
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
-                                                const std::optional<at::Tensor>& weight, const at::Tensor& rstd,
-                                                const std::optional<at::Tensor>& dresidual);
+// (dx + dresidual, dweight in weight's dtype or an empty tensor without weight, dx in narrow_dtype or
+// an empty tensor without it); dx and dresidual have x's dtype, dy x's or, when x is a float32 stream,
+// float16/bfloat16 (y's dtype). dweight is summed deterministically (per-block partial sums, then a
+// fixed-order tiled reduction over blocks). A narrow_dtype equal to dy's is written by the same pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const at::Tensor& rstd,
+                                                            const std::optional<at::Tensor>& dresidual,
+                                                            std::optional<at::ScalarType> narrow_dtype);
 
 // silu(gate) * up, and its gradients (dgate, dup).
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);

@@ -8,11 +8,14 @@
 // pass re-reads the row from L1/L2). The backward runs a grid of resident blocks, each looping over
 // rows; a block keeps its running dw sum for the columns each thread owns in shared memory (global
 // memory past kSmemWeightGradCols columns), writes it as one row of a (blocks, n) partial buffer, and
-// a second kernel adds those rows in a fixed order: dw is deterministic, with no atomics.
+// a second kernel adds those rows, tiled (column_sum_kernel), in a fixed order: dw is deterministic,
+// with no atomics.
 //
 // Mixed dtypes (the residual-in-fp32 design of fused add-norm): the residual stream may be float32
 // while the update x is fp16/bf16. The add is in float32, the stream is stored in float32 and y in x's
-// dtype; the backward then reads dy in y's dtype and the stream and its gradient in float32.
+// dtype; the backward then reads dy in y's dtype and the stream and its gradient in float32, and
+// writes the stream's gradient once more in dy's dtype when asked (dx_narrow: the update's gradient,
+// in the same pass instead of a cast after it).
 #include "common.cuh"
 #include "ops.h"
 
@@ -96,6 +99,7 @@ __global__ void rms_norm_bwd_kernel(Rows<const G> dy,              // (rows, n)
                                     const float* __restrict__ rstd,  // (rows,)
                                     Rows<const T> dresidual,       // (rows, n), or data == nullptr
                                     T* __restrict__ dx,            // (rows, n) contiguous
+                                    G* __restrict__ dx_narrow,     // (rows, n) contiguous: dx in G, or nullptr
                                     float* __restrict__ dw_partial,  // (gridDim.x, n) when weight
                                     int64_t rows, int n, bool vec) {
   constexpr int V = kPack<G, T>;
@@ -162,6 +166,7 @@ __global__ void rms_norm_bwd_kernel(Rows<const G> dy,              // (rows, n)
         for (int k = 0; k < K; ++k) out[k] += res[k];
       }
       store_floats<K>(dx + row * n + c, out);
+      if (dx_narrow != nullptr) store_floats<K>(dx_narrow + row * n + c, out);
       if (has_weight) {
         float acc[K];
         load_floats<K>(dw_acc + c, acc);
@@ -183,14 +188,33 @@ __global__ void rms_norm_bwd_kernel(Rows<const G> dy,              // (rows, n)
   }
 }
 
-// dw[c] = sum over p of partial[p, c], in order p = 0, 1, ...: one thread per column.
+// dw[c] = sum over p of partial[p, c] (parts: one per backward block, about 2000 on a large GPU).
+// Tiled: a block of kColSumCols x kColSumLanes threads owns kColSumCols adjacent columns; lane l
+// (threadIdx.y) sums parts l, l + kColSumLanes, ... of its column, so a warp reads kColSumCols
+// adjacent floats of one part (128 bytes, coalesced) and each thread walks parts / kColSumLanes of
+// them, not all; the lanes' sums are then added by a fixed tree in shared memory. Every column's
+// order of additions is fixed: dw stays deterministic.
+constexpr int kColSumCols = kWarp;
+constexpr int kColSumLanes = 16;
+
 template <typename W>
 __global__ void column_sum_kernel(const float* __restrict__ partial, int parts, int n, W* __restrict__ dw) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= n) return;
+  __shared__ float sums[kColSumLanes][kColSumCols + 1];  // +1: no bank conflicts on the column reads
+  const int col = blockIdx.x * kColSumCols + threadIdx.x;
+  const int lane = threadIdx.y;
   float sum = 0.f;
-  for (int p = 0; p < parts; ++p) sum += partial[static_cast<int64_t>(p) * n + c];
-  dw[c] = static_cast<W>(sum);
+  if (col < n) {
+#pragma unroll 4
+    for (int p = lane; p < parts; p += kColSumLanes) sum += partial[static_cast<int64_t>(p) * n + col];
+  }
+  sums[lane][threadIdx.x] = sum;
+  __syncthreads();
+#pragma unroll
+  for (int half = kColSumLanes / 2; half > 0; half /= 2) {
+    if (lane < half) sums[lane][threadIdx.x] += sums[lane + half][threadIdx.x];
+    __syncthreads();
+  }
+  if (lane == 0 && col < n) dw[col] = static_cast<W>(sums[0][threadIdx.x]);
 }
 
 // One forward launch at T (x, y), R (residual, stream) and W (weight); r2 and stream are read only
@@ -238,14 +262,15 @@ void launch_rms_norm_fwd(const at::Tensor& x2, const std::optional<at::Tensor>& 
   });
 }
 
-// One backward launch at G (dy), T (x, dresidual, dx) and W (weight): the row kernel, then the
-// fixed-order column sum of its dw partials.
+// One backward launch at G (dy, dx_narrow), T (x, dresidual, dx) and W (weight): the row kernel,
+// then the fixed-order column sum of its dw partials. dx_narrow2: undefined, or (rows, n) in G.
 template <typename G, typename T, typename W>
 void launch_bwd_kernels(const at::Tensor& dy2, const at::Tensor& x2, const at::Tensor& w, const at::Tensor& rstd1,
-                        const at::Tensor& dres2, const at::Tensor& dx2, const at::Tensor& dw, int64_t rows, int n,
-                        cudaStream_t cuda_stream) {
+                        const at::Tensor& dres2, const at::Tensor& dx2, const at::Tensor& dx_narrow2,
+                        const at::Tensor& dw, int64_t rows, int n, cudaStream_t cuda_stream) {
   constexpr int V = kPack<G, T>;
   bool vec = packs_aligned(V, {dy2, x2, dx2});
+  if (dx_narrow2.defined()) vec = vec && packs_aligned(V, {dx_narrow2});
   if (w.defined()) vec = vec && packs_aligned(V, {w});
   if (dres2.defined()) vec = vec && packs_aligned(V, {dres2});
   const int threads = threads_for_row(vec ? (n + V - 1) / V : n);
@@ -257,11 +282,11 @@ void launch_bwd_kernels(const at::Tensor& dy2, const at::Tensor& x2, const at::T
   kernel<<<grid, threads, smem, cuda_stream>>>(
       rows_of<const G>(dy2), rows_of<const T>(x2), w.defined() ? w.data_ptr<W>() : nullptr, rstd1.data_ptr<float>(),
       dres2.defined() ? rows_of<const T>(dres2) : Rows<const T>{nullptr, 0}, dx2.data_ptr<T>(),
-      w.defined() ? partial.data_ptr<float>() : nullptr, rows, n, vec);
+      dx_narrow2.defined() ? dx_narrow2.data_ptr<G>() : nullptr, w.defined() ? partial.data_ptr<float>() : nullptr,
+      rows, n, vec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (w.defined()) {
-    constexpr int kThreads = 256;
-    column_sum_kernel<W><<<(n + kThreads - 1) / kThreads, kThreads, 0, cuda_stream>>>(
+    column_sum_kernel<W><<<(n + kColSumCols - 1) / kColSumCols, dim3(kColSumCols, kColSumLanes), 0, cuda_stream>>>(
         partial.data_ptr<float>(), grid, n, dw.data_ptr<W>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -328,9 +353,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_fwd(const at::T
   return {y, stream, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
-                                                const std::optional<at::Tensor>& weight, const at::Tensor& rstd,
-                                                const std::optional<at::Tensor>& dresidual) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const at::Tensor& rstd,
+                                                            const std::optional<at::Tensor>& dresidual,
+                                                            std::optional<at::ScalarType> narrow_dtype) {
   const char* op = "rms_norm_bwd";
   check_norm_inputs(op, x, weight);
   check_float_input(op, "dy", dy);
@@ -350,12 +377,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor dw = weight.has_value() ? at::empty_like(*weight, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  poison_outputs({dx, dw});
+  // dx once more in narrow_dtype: written by the row kernel when that is dy's dtype (the update's
+  // gradient under a float32 stream), else cast after it
+  const bool narrow_in_kernel = narrow_dtype.has_value() && *narrow_dtype == dy.scalar_type();
+  at::Tensor dx_narrow = narrow_in_kernel ? at::empty(x.sizes(), dy.options()) : x.new_empty({0});
+  poison_outputs({dx, dw, dx_narrow});
   const int64_t n64 = x.size(-1);
   const int64_t rows = n64 > 0 ? x.numel() / n64 : 0;
   if (rows == 0) {
     if (weight.has_value()) dw.zero_();
-    return {dx, dw};
+    return {dx, dw, narrow_dtype.has_value() ? dx.to(*narrow_dtype) : dx_narrow};
   }
   const int n = static_cast<int>(n64);
   const at::Tensor dy2 = as_rows(dy);
@@ -370,14 +401,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     AIMV2_DISPATCH_FLOATS(w.defined() ? w.scalar_type() : x.scalar_type(), "rms_norm_bwd", [&] {
       using W = scalar_t;
       const at::Tensor dx2 = dx.view({-1, n});
+      const at::Tensor dx_narrow2 = narrow_in_kernel ? dx_narrow.view({-1, n}) : at::Tensor();
       if (x.scalar_type() == dy.scalar_type()) {
-        launch_bwd_kernels<G, G, W>(dy2, x2, w, rstd1, dres2, dx2, dw, rows, n, cuda_stream);
+        launch_bwd_kernels<G, G, W>(dy2, x2, w, rstd1, dres2, dx2, dx_narrow2, dw, rows, n, cuda_stream);
       } else {  // checked above: a float32 stream under a 16-bit y
-        launch_bwd_kernels<G, float, W>(dy2, x2, w, rstd1, dres2, dx2, dw, rows, n, cuda_stream);
+        launch_bwd_kernels<G, float, W>(dy2, x2, w, rstd1, dres2, dx2, dx_narrow2, dw, rows, n, cuda_stream);
       }
     });
   });
-  return {dx, dw};
+  if (narrow_dtype.has_value() && !narrow_in_kernel) dx_narrow = dx.to(*narrow_dtype);
+  return {dx, dw, dx_narrow};
 }
 
 }  // namespace aimv2

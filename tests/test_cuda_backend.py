@@ -208,6 +208,27 @@ def test_rms_norm_dweight_is_deterministic(cuda_backend):
         assert torch.equal(torch.ops.aimv2_kernels.cuda_rms_norm_bwd(dy, x, w, rstd, None)[1], first)
 
 
+@needs_gpu
+@pytest.mark.parametrize("n", [1000, 1024, 3000])  # column tiles of 32: full, and a partial last one
+def test_rms_norm_backward_many_rows_and_the_narrow_dx(cuda_backend, n):
+    """Many rows (one partial dw row per resident block, summed by the tiled column kernel) against
+    float64; the float32 stream's gradient written once more in dy's dtype by the same pass, equal to
+    dx rounded; another narrow dtype is cast after the kernel."""
+    x = torch.randn(6001, n, device=cuda_backend)  # the float32 stream
+    w = torch.rand(n, device=cuda_backend) + 0.5
+    dy = torch.randn(6001, n, device=cuda_backend).to(torch.bfloat16)
+    _, rstd = torch.ops.aimv2_kernels.cuda_rms_norm_fwd(x, w, 1e-5)
+    dx, dw, narrow = torch.ops.aimv2_kernels.cuda_rms_norm_bwd(dy, x, w, rstd, None, torch.bfloat16)
+    assert narrow.dtype == torch.bfloat16 and torch.equal(narrow, dx.to(torch.bfloat16))
+    x64, w64 = _leaf64(x), _leaf64(w)
+    ref.rms_norm(x64, w64).backward(dy.double())
+    assert_close(dx, x64.grad, 1e-5, "dx")
+    assert_close(dw, w64.grad, 1e-5, "dweight")
+    assert torch.equal(torch.ops.aimv2_kernels.cuda_rms_norm_bwd(dy, x, w, rstd, None, torch.float16)[2],
+                       dx.to(torch.float16))
+    assert torch.ops.aimv2_kernels.cuda_rms_norm_bwd(dy, x, w, rstd, None)[2].numel() == 0
+
+
 SWIGLU_SHAPES = [(1, 1), (7, 3), (5, 37), (3, 4, 100), (64, 2816), (8, 4096)]
 
 

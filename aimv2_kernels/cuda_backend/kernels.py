@@ -67,26 +67,7 @@ def _implementation(kernel: str):
     return run
 
 
-def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual):
-    """The compiled op's outputs: (dx, dw), without the registry kernel's narrow copy of dx."""
-    return _reference("rms_norm_bwd")(dy, x, weight, rstd, dresidual)[:2]
-
-
-def _rms_norm_bwd_with_narrow(compiled):
-    """The registry's rms_norm_bwd on the compiled op, which writes no narrow copy of dx: that one is
-    cast here, a separate pass (the Triton kernel writes it in the same pass)."""
-    def rms_norm_bwd_cuda(dy, x, weight, rstd, dresidual, narrow_dtype=None):
-        dx, dw = compiled(dy, x, weight, rstd, dresidual)[:2]
-        return dx, dw, (dx.to(narrow_dtype) if narrow_dtype is not None else x.new_empty(0))
-
-    return rms_norm_bwd_cuda
-
-
 for _kernel in KERNELS:
-    if _kernel == "rms_norm_bwd":
-        backend.register(_kernel, "cuda")(_rms_norm_bwd_with_narrow(_implementation(_kernel)))
-        torch.library.register_fake(f"aimv2_kernels::cuda_{_kernel}")(_rms_norm_bwd_fake)
-        continue
     backend.register(_kernel, "cuda")(_implementation(_kernel))
     torch.library.register_fake(f"aimv2_kernels::cuda_{_kernel}")(_reference(_kernel))
 
