@@ -5,6 +5,7 @@
     o = ak.prefix_causal_attention(q, k, v, prefix_len)
     o = ak.prefix_causal_attention_qkvpacked(qkv, prefix_len)  # (B, S, 3, H, D) in, (B, S, H, D) out
     o = ak.prefix_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len)  # packed
+    o = ak.prefix_causal_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, prefix_len)  # (T, 3, H, D) in
 
 Every op is a `torch.library` custom op (namespace `aimv2_kernels`) with a pure-PyTorch reference in
 `aimv2_kernels.reference`; `set_backend` / `use_backend` pick the implementation.
@@ -16,6 +17,7 @@ from .backend import available_backends, get_backend, set_backend, unavailable_r
 from .ops.attention import prefix_causal_attention
 from .ops.attention_qkvpacked import prefix_causal_attention_qkvpacked
 from .ops.attention_varlen import prefix_causal_attention_varlen
+from .ops.attention_varlen_qkvpacked import prefix_causal_attention_varlen_qkvpacked
 from .ops.loss import AIMv2Loss, aimv2_loss, linear_cross_entropy, patch_mse_loss
 from .ops.norm import rms_norm, rms_norm_residual
 from .ops.swiglu import swiglu, swiglu_packed
@@ -34,6 +36,7 @@ __all__ = [
     "prefix_causal_attention",
     "prefix_causal_attention_qkvpacked",
     "prefix_causal_attention_varlen",
+    "prefix_causal_attention_varlen_qkvpacked",
     "reference",
     "rms_norm",
     "rms_norm_residual",

@@ -96,10 +96,11 @@ def attention_scale(causal, scale, head_dim: int) -> float:
     return float(scale)
 
 
-def prefix_tensor(prefix_len, count: int, device: torch.device, shape_name: str, what: str) -> torch.Tensor | None:
+def prefix_tensor(prefix_len, count: int, device: torch.device, shape_name: str, what: str,
+                  device_of: str = "q") -> torch.Tensor | None:
     """A public op's prefix_len (None, an int, or an integer tensor (count,)) as None or an integer
-    tensor (count,) on `device`. shape_name ("B", "n") and what (one prefix length per ...) word
-    the errors."""
+    tensor (count,) on `device`. shape_name ("B", "n"), what (one prefix length per ...) and
+    device_of (the argument `device` is read from) word the errors."""
     if prefix_len is None:
         return None
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.Tensor)):
@@ -112,7 +113,8 @@ def prefix_tensor(prefix_len, count: int, device: torch.device, shape_name: str,
     check_tensor("prefix_len", prefix_len, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("prefix_len", prefix_len, (count,), what)
     if prefix_len.device != device:
-        raise ValueError(f"prefix_len is on {prefix_len.device} but q is on {device}; expected the same device")
+        raise ValueError(f"prefix_len is on {prefix_len.device} but {device_of} is on {device}; "
+                         "expected the same device")
     return prefix_len
 
 
@@ -132,11 +134,12 @@ def check_prefix_values(prefix_len: torch.Tensor) -> None:
         raise ValueError(f"prefix_len must be >= 0 for every sample, got a value of {smallest}")
 
 
-def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> None:
-    """Metadata of a varlen op's `cu_seqlens`: an int32 (n + 1,) tensor on q's device.
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, device_of: str = "q") -> None:
+    """Metadata of a varlen op's `cu_seqlens`: an int32 (n + 1,) tensor on `device`, that of the
+    argument named `device_of`.
 
     int32 only, as FlashAttention's varlen ops take it: the kernels index with it directly. `total`
-    (T, q's first dim) is only named in the message; the values are checked in the op body.
+    (T, the number of tokens) is only named in the message; the values are checked in the op body.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -147,7 +150,8 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device) -> None:
             f"cu_seqlens must have shape (n + 1,) with n >= 0 sequences (0, ..., T = {total}), got {tuple(cu_seqlens.shape)}"
         )
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; expected the same device")
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {device_of} is on {device}; "
+                         "expected the same device")
 
 
 def check_max_seqlen(max_seqlen) -> None:
@@ -169,7 +173,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # (n,)
     if cu_seqlens.device.type == "cuda":
         torch._assert_async(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
-        torch._assert_async(cu_seqlens[-1] == total, "cu_seqlens must end at T (q.shape[0])")
+        torch._assert_async(cu_seqlens[-1] == total, "cu_seqlens must end at T, the number of tokens")
         if lengths.numel():
             torch._assert_async((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
             torch._assert_async((lengths <= max_seqlen).all(), "max_seqlen is below the longest sequence")
@@ -184,7 +188,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
             f"< cu_seqlens[{s}] = {int(cu_seqlens[s])}"
         )
     if last != total:
-        raise ValueError(f"cu_seqlens must end at T = {total} (q.shape[0]), got cu_seqlens[-1] = {last}")
+        raise ValueError(f"cu_seqlens must end at T = {total} (the number of tokens), got cu_seqlens[-1] = {last}")
     longest = int(lengths.max()) if lengths.numel() else 0
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sequence ({longest} tokens); expected max_seqlen >= {longest}")

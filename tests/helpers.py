@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 
 # The per-element bound of `assert_close`, in units of tol * max|expected|: loose enough for the
@@ -47,6 +48,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 # fp32 near 1e-5, fp16/tf32 near 3e-4..1e-3, bf16 1e-2 (SPEC section 5)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_error_names(call, error: type, words) -> None:
+    """call() raises `error` whose message contains every one of `words`."""
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
 
 
 def grads64(fn, *tensors):

@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import aimv2_kernels as ak
 from aimv2_kernels import backend
-from aimv2_kernels.ops import attention, attention_varlen, loss, norm, swiglu
+from aimv2_kernels.ops import (attention, attention_qkvpacked, attention_varlen, attention_varlen_qkvpacked, loss, norm,
+                               swiglu)
 
 
 class Recorder(TorchDispatchMode):
@@ -36,6 +37,7 @@ def _cases(device):
     prefix = torch.tensor([2, 0], device=device)
     tq, tk, tv = (_leaf(7, 2, 16, device=device) for _ in range(3))
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    qkv, tqkv = _leaf(2, 5, 3, 2, 16, device=device), _leaf(7, 3, 2, 16, device=device)
     pred, target = _leaf(2, 3, 8, device=device), _leaf(2, 3, 8, device=device, grad=False)
     mask = torch.tensor([[True, False, True], [True, True, False]], device=device)
     hidden, weight, bias = _leaf(5, 16, device=device), _leaf(11, 16, device=device), _leaf(11, device=device)
@@ -50,6 +52,11 @@ def _cases(device):
                       attention.attention_op, attention._attention_call),
         "attention_varlen": (lambda a, b, c: ak.prefix_causal_attention_varlen(a, b, c, cu, 4, 2), (tq, tk, tv),
                              [tq, tk, tv], attention_varlen.attention_varlen_op, attention_varlen._attention_varlen_call),
+        "attention_qkvpacked": (lambda t: ak.prefix_causal_attention_qkvpacked(t, prefix), (qkv,), [qkv],
+                                attention_qkvpacked.qkvpacked_op, attention_qkvpacked._qkvpacked_call),
+        "attention_varlen_qkvpacked": (lambda t: ak.prefix_causal_attention_varlen_qkvpacked(t, cu, 4, 2), (tqkv,), [tqkv],
+                                       attention_varlen_qkvpacked.varlen_qkvpacked_op,
+                                       attention_varlen_qkvpacked._varlen_qkvpacked_call),
         "patch_mse_loss": (lambda p: ak.patch_mse_loss(p, target, mask), (pred,), [pred], loss.patch_mse_op,
                            loss._patch_mse_call),
         "linear_cross_entropy": (lambda h, wt, b: ak.linear_cross_entropy(h, wt, labels, bias=b), (hidden, weight, bias),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention_qkvpacked import prefix_causal_attention_qkvpacked
-from ..ops.attention_varlen import prefix_causal_attention_varlen
+from ..ops.attention_varlen_qkvpacked import prefix_causal_attention_varlen_qkvpacked
 
 
 class PrefixCausalSelfAttention(nn.Module):
@@ -52,6 +52,8 @@ class PrefixCausalSelfAttention(nn.Module):
             raise ValueError(f"packed attention takes x of shape (T, dim) and a max_seqlen, got {tuple(x.shape)} and "
                              f"max_seqlen={max_seqlen!r}")
         T = x.shape[0]
-        q, k, v = self.qkv(x).view(T, 3, self.heads, self.head_dim).unbind(1)  # (T, H, D) views, no copy
-        out = prefix_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal=causal)  # (T, H, D)
+        qkv = self.qkv(x).view(T, 3, self.heads, self.head_dim)  # (T, 3, H, D)
+        # the packed op: its backward writes the projection output's gradient whole (no stack of dq, dk, dv)
+        out = prefix_causal_attention_varlen_qkvpacked(qkv, cu_seqlens, max_seqlen, prefix_len,
+                                                       causal=causal)  # (T, H, D)
         return self.proj(out.reshape(T, self.dim))

@@ -54,10 +54,15 @@ def _attention_varlen_fwd_torch(q, k, v, cu_seqlens, max_seqlen, prefix_len, cau
 
 
 @register("attention_varlen_bwd", "torch")
-def _attention_varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+def _attention_varlen_bwd_torch(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale, grads=None):
+    """-> (dq, dk, dv) (T, H, D): written into `grads` when given (the views of one packed (T, 3, H, D)
+    buffer), else new contiguous tensors."""
     sequence, position, lengths = _token_places(cu_seqlens)
     n, longest = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
     padded = [_to_padded(t, sequence, position, n, longest) for t in (dout, q, k, v, out)]  # (n, H, L, D)
     lse_padded = _to_padded(lse.transpose(0, 1).unsqueeze(-1), sequence, position, n, longest).squeeze(-1)  # (n, H, L)
-    grads = _attention_bwd_torch(*padded, lse_padded, _padded_prefix(prefix_len, lengths, causal), True, scale)
-    return tuple(_from_padded(g, sequence, position).contiguous() for g in grads)
+    padded_grads = _attention_bwd_torch(*padded, lse_padded, _padded_prefix(prefix_len, lengths, causal), True, scale)
+    packed = (_from_padded(g, sequence, position) for g in padded_grads)  # (T, H, D) each
+    if grads is None:
+        return tuple(g.contiguous() for g in packed)
+    return tuple(buf.copy_(g) for buf, g in zip(grads, packed))

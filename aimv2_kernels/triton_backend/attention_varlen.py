@@ -81,13 +81,15 @@ def attention_varlen_forward(q, k, v, cu_seqlens, max_seqlen: int, prefix_len, c
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, prefix_len, causal: bool,
-                              scale: float):
-    """-> (dq, dk, dv), each allocated like its input (as the op's fake kernel). The padded
-    backward's two designs (attention_bwd.py), chosen the same way."""
+                              scale: float, grads=None):
+    """-> (dq, dk, dv) (T, H, D): written into `grads` when given (the views of one packed (T, 3, H, D)
+    buffer; any strides with a unit last stride, which the kernels take as token strides), else each
+    allocated like its input (as the unpacked op's fake kernel). The padded backward's two designs
+    (attention_bwd.py), chosen the same way."""
     T, H, D = q.shape
     n = cu_seqlens.shape[0] - 1
     dout, out = unit_last_stride(dout), unit_last_stride(out)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if grads is None else grads
     delta = torch.empty(H, T, device=q.device, dtype=torch.float32)
     atomic = not deterministic_algorithms()
     dq_acc = torch.empty(T, H, D, device=q.device, dtype=torch.float32) if atomic else None
@@ -139,13 +141,15 @@ def _attention_varlen_fwd_triton(q, k, v, cu_seqlens, max_seqlen, prefix_len, ca
 
 
 @register("attention_varlen_bwd", "triton")
-def _attention_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+def _attention_varlen_bwd_triton(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale,
+                                 grads=None):
     reason = unsupported_reason(q)
     if reason is not None:
         warn_fallback_once(reason)
         return fallback("attention_varlen_bwd")(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len,
-                                                      causal, scale)
-    return attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+                                                causal, scale, grads)
+    return attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale,
+                                     grads)
 
 
 # ---- compile check -------------------------------------------------------------------------------

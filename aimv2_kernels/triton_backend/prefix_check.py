@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import fallback, register
+from ..backend import register
+from ..validation import check_prefix_values
 from .common import device_context, next_power_of_2
 from .kernel_config import KernelConfig
 
@@ -33,7 +34,7 @@ def prefix_check_kernel(PREFIX, n, stride, BLOCK: tl.constexpr):
 def _prefix_check_triton(prefix_len: torch.Tensor) -> None:
     n = prefix_len.numel()
     if not prefix_len.is_cuda or n == 0:
-        fallback("prefix_check")(prefix_len)  # the CPU's check raises on the host at once
+        check_prefix_values(prefix_len)  # on the CPU: raised on the host at once
         return
     with device_context(prefix_len):
         prefix_check_kernel[(1,)](prefix_len, n, prefix_len.stride(0), BLOCK=min(MAX_BLOCK, next_power_of_2(n)))
