@@ -12,7 +12,8 @@
 #     off with -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE;
 #   * a compiler-only toolkit lacks the cuBLAS/cuSPARSE/cuSOLVER headers that
 #     ATen/cuda/CUDAContext.h includes, so the sources include c10/cuda headers instead of it.
-#   bash scripts/check_cuda_sources.sh
+#   bash scripts/check_cuda_sources.sh                          # every source
+#   bash scripts/check_cuda_sources.sh csrc/attention_sm80.cu    # only the sources named
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
@@ -61,11 +62,14 @@ compile() {  # compile SOURCE [nvcc args...]; fails on an error or a spill warni
     fi
 }
 
-for src in csrc/*.cu; do
+if [ $# -gt 0 ]; then sources=("$@"); else sources=(csrc/*.cu csrc/*.cpp); fi
+for src in "${sources[@]}"; do
+    [[ $src == *.cu ]] || continue
     echo "nvcc -c $src for sm_80 and sm_90a"
     compile "$src" --threads 0 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
 done
-for src in csrc/*.cpp; do
+for src in "${sources[@]}"; do
+    [[ $src == *.cpp ]] || continue
     echo "nvcc -c $src (host code)"
     compile "$src"
 done
