@@ -34,6 +34,7 @@
 #include "attention.h"
 #include "common.cuh"
 #include "ops.h"
+#include "tma_descriptors.h"
 
 #include <ATen/ops/empty.h>
 
@@ -60,21 +61,26 @@ namespace aimv2 {
 // attention kernel whose name says "sm90", and this one has no matrix product to make.
 namespace hopper_attention {
 
-// Per query row of (B, H, S): delta = rowsum(dO * O) and lse * log2(e), into fp32 buffers of
-// (B * H, s_pad) rows; rows [S, s_pad) get delta 0 and lse +inf, so that a padded query (a zero row
+// Per query row of (B, H, S) (varlen: of each sample's rows of (T, H, D)): delta = rowsum(dO * O) and
+// lse * log2(e), into fp32 buffers of (B * H, s_pad) rows; rows [S, s_pad) get delta 0 and lse +inf, so that a padded query (a zero row
 // of Q and dO) has P = exp2(s - inf) = 0 exactly in the backward's products. One warp per row.
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(256) attention_bwd_rowstats_kernel(
     const Element* __restrict__ out, int64_t o_sb, int64_t o_sh, int64_t o_ss,      // (B, H, S, D)
     const Element* __restrict__ dout, int64_t d_sb, int64_t d_sh, int64_t d_ss,     // (B, H, S, D)
     const float* __restrict__ lse, int64_t l_sb, int64_t l_sh, int64_t l_ss,        // (B, H, S)
-    float* __restrict__ lse2, float* __restrict__ delta, int seqlen, int s_pad, int heads) {
+    float* __restrict__ lse2, float* __restrict__ delta, int seqlen, int s_pad, int heads,
+    const int* __restrict__ cu_seqlens) {
   constexpr int kPerLane = kHeadDim / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   const int head = blockIdx.y, batch = blockIdx.z;
   if (row >= s_pad) return;
   const int64_t stat = (static_cast<int64_t>(batch) * heads + head) * s_pad + row;
+  // Varlen: sample `batch` is rows [cu[b], cu[b + 1]) of one (T, H, D) batch (lse (H, T)).
+  const int start = cu_seqlens == nullptr ? 0 : cu_seqlens[batch];
+  if (cu_seqlens != nullptr) seqlen = cu_seqlens[batch + 1] - start;
+  const int64_t b = cu_seqlens == nullptr ? batch : 0;
   if (row >= seqlen) {
     if (lane == 0) {
       lse2[stat] = INFINITY;
@@ -83,15 +89,16 @@ __global__ void __launch_bounds__(256) attention_bwd_rowstats_kernel(
     return;
   }
   float o[kPerLane], g[kPerLane];
-  load_floats<kPerLane>(out + batch * o_sb + head * o_sh + row * o_ss + lane * kPerLane, o);
-  load_floats<kPerLane>(dout + batch * d_sb + head * d_sh + row * d_ss + lane * kPerLane, g);
+  const int64_t r = start + row;
+  load_floats<kPerLane>(out + b * o_sb + head * o_sh + r * o_ss + lane * kPerLane, o);
+  load_floats<kPerLane>(dout + b * d_sb + head * d_sh + r * d_ss + lane * kPerLane, g);
   float acc = 0.f;
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) acc = fmaf(o[i], g[i], acc);
   acc = warp_sum(acc);
   if (lane == 0) {
     delta[stat] = acc;
-    lse2[stat] = lse[batch * l_sb + head * l_sh + row * l_ss] * 1.4426950408889634f;
+    lse2[stat] = lse[b * l_sb + head * l_sh + r * l_ss] * 1.4426950408889634f;
   }
 }
 
@@ -202,6 +209,29 @@ __device__ __forceinline__ int visible_prefix(const void* prefix, int64_t prefix
   return static_cast<int>(v < 0 ? 0 : (v > seqlen ? seqlen : v));
 }
 
+// Where sample b's rows are in the TMA view (rows, D, H, batches) of q, k, v, dout: padded, rows
+// [0, S) of batch b; varlen (cu_seqlens given: int32 (N + 1,) offsets on the device), rows
+// [cu[b], cu[b + 1]) of the single packed batch. Rows of the next sample that a tile reaches past
+// `seqlen` are loaded but never stored, and never visible to a stored row: the mask hides keys past the
+// prefix and the diagonal, and the backward's padded row statistics give their queries P = 0.
+struct SampleRows {
+  int start, seqlen, tma_batch;
+};
+
+__device__ __forceinline__ SampleRows sample_rows(const int* cu_seqlens, int b, int seqlen) {
+  if (cu_seqlens == nullptr) return {0, seqlen, b};
+  const int start = cu_seqlens[b];
+  return {start, cu_seqlens[b + 1] - start, 0};
+}
+
+// The (rows, D) matrix of sample `rows` and head `head` in a TMA copy's view of q, k, v or dout,
+// (total_rows, D, H, batches): its row 0 is the sample's first row.
+template <int kHeadDim, class Tma, class Params>
+__device__ __forceinline__ auto sample_view(Tma const& tma, Params const& p, SampleRows const& rows, int head) {
+  const auto shape = make_shape(p.total_rows, kHeadDim, p.heads, p.cu_seqlens == nullptr ? p.batch : 1);
+  return domain_offset(make_coord(rows.start, _0{}), tma.get_tma_tensor(shape)(_, _, head, rows.tma_batch));
+}
+
 // Key tiles of kBlockN for the query tile [m0, m0 + kBlockM): tiles [0, full) are visible to every
 // query of the tile (and lie inside S), tiles [full, end) need the mask, keys from end * kBlockN on
 // are hidden from the whole tile. end >= 1 (key 0 is always visible).
@@ -308,14 +338,16 @@ struct FwdTraits {
     TmaQ tma_q;
     TmaKV tma_k;
     TmaKV tma_v;
-    Element* out;  // (B, S, H, D) contiguous
-    float* lse;    // (B, H, S) contiguous
+    Element* out;  // (B, S, H, D) contiguous; varlen (T, H, D)
+    float* lse;    // (B, H, S) contiguous; varlen (H, T)
     const void* prefix;
     int64_t prefix_stride;
     int prefix_is_64;
     int causal;
-    int seqlen, heads, batch;
-    float scale_log2;  // softmax scale * log2(e)
+    int seqlen, heads, batch;  // varlen: max_seqlen (the grid), H, N
+    float scale_log2;          // softmax scale * log2(e)
+    const int* cu_seqlens;     // varlen: (N + 1,) row offsets; null: padded
+    int total_rows;            // rows of the TMA view: S, or T when varlen
   };
 };
 
@@ -338,8 +370,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // longest rows first
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const int seqlen = p.seqlen;
+  const SampleRows rows = sample_rows(p.cu_seqlens, batch, p.seqlen);
+  const int seqlen = rows.seqlen;
   const int m0 = m_block * kBlockM;
+  if (m0 >= seqlen) return;  // varlen: a sample shorter than the longest (the whole block leaves)
   const int prefix = visible_prefix(p.prefix, p.prefix_stride, p.prefix_is_64, batch, seqlen, p.causal);
   const KeyBlocks blocks = key_blocks<kBlockM, kBlockN>(m0, prefix, seqlen);
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
@@ -367,13 +401,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
-      const auto shape = make_shape(seqlen, kHeadDim, p.heads, p.batch);
-      Tensor gQ = local_tile(p.tma_q.get_tma_tensor(shape)(_, _, head, batch), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                             make_coord(m_block, 0));  // (BM, D)
-      Tensor gK = local_tile(p.tma_k.get_tma_tensor(shape)(_, _, head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                             make_coord(_, 0));  // (BN, D, n)
-      Tensor gV = local_tile(p.tma_v.get_tma_tensor(shape)(_, _, head, batch), Shape<Int<kBlockN>, Int<kHeadDim>>{},
-                             make_coord(_, 0));  // (BN, D, n)
+      const auto tile_m = Shape<Int<kBlockM>, Int<kHeadDim>>{};
+      const auto tile_n = Shape<Int<kBlockN>, Int<kHeadDim>>{};
+      Tensor gQ = local_tile(sample_view<kHeadDim>(p.tma_q, p, rows, head), tile_m, make_coord(m_block, 0));  // (BM, D)
+      Tensor gK = local_tile(sample_view<kHeadDim>(p.tma_k, p, rows, head), tile_n, make_coord(_, 0));  // (BN, D, n)
+      Tensor gV = local_tile(sample_view<kHeadDim>(p.tma_v, p, rows, head), tile_n, make_coord(_, 0));  // (BN, D, n)
       auto [tQg, tQs] = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tKg, tKs] = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(p.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -517,7 +549,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int c = 0; c < size<1>(oRC); ++c) oRC(r, c) *= inv;
   }
   if (tid % 4 == 0) {
-    float* lse_row = p.lse + (static_cast<int64_t>(batch) * p.heads + head) * seqlen;
+    // lse (B, H, S), or (H, T) when varlen: row `query` of this sample at start + query.
+    float* lse_row = p.lse + (static_cast<int64_t>(rows.tma_batch) * p.heads + head) * p.total_rows + rows.start;
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       if (query[r] < seqlen) lse_row[query[r]] = lse[r];
@@ -529,7 +562,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tOsO = thr_pv.partition_C(sQw);
   copy(rO, tOsO);
   warpgroup_sync(1 + cwg);
-  Element* out = p.out + (static_cast<int64_t>(batch) * seqlen * p.heads + head) * kHeadDim;
+  // out (B, S, H, D), or (T, H, D) when varlen: this sample's rows from row start of its batch.
+  Element* out =
+      p.out + ((static_cast<int64_t>(rows.tma_batch) * p.total_rows + rows.start) * p.heads + head) * kHeadDim;
   store_rows<kHeadDim>(sQw, out, static_cast<int64_t>(p.heads) * kHeadDim, row0, seqlen, tid);
 #else
   __trap();  // built without sm_90a device code; the host entries never launch this
@@ -623,8 +658,10 @@ struct BwdDqTraits {
     int64_t prefix_stride;
     int prefix_is_64;
     int causal;
-    int seqlen, heads, batch;
+    int seqlen, heads, batch;  // varlen: max_seqlen (the grid), H, N
     float scale_log2, scale;
+    const int* cu_seqlens;  // varlen: (N + 1,) row offsets; null: padded (B, H, S, D)
+    int total_rows;         // rows of the TMA view: S, or T when varlen
   };
 };
 
@@ -646,8 +683,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int m_block = static_cast<int>(gridDim.x - 1 - blockIdx.x);  // longest rows first
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const int seqlen = p.seqlen;
+  const SampleRows rows = sample_rows(p.cu_seqlens, batch, p.seqlen);
+  const int seqlen = rows.seqlen;
   const int m0 = m_block * kBlockM;
+  if (m0 >= seqlen) return;  // varlen: a sample shorter than the longest (the whole block leaves)
   const int prefix = visible_prefix(p.prefix, p.prefix_stride, p.prefix_is_64, batch, seqlen, p.causal);
   const KeyBlocks blocks = key_blocks<kBlockM, kBlockN>(m0, prefix, seqlen);
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
@@ -675,13 +714,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::prefetch_tma_descriptor(p.tma_do.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
-      const auto shape = make_shape(seqlen, kHeadDim, p.heads, p.batch);
       const auto tile_m = Shape<Int<kBlockM>, Int<kHeadDim>>{};
       const auto tile_n = Shape<Int<kBlockN>, Int<kHeadDim>>{};
-      Tensor gQ = local_tile(p.tma_q.get_tma_tensor(shape)(_, _, head, batch), tile_m, make_coord(m_block, 0));
-      Tensor gdO = local_tile(p.tma_do.get_tma_tensor(shape)(_, _, head, batch), tile_m, make_coord(m_block, 0));
-      Tensor gK = local_tile(p.tma_k.get_tma_tensor(shape)(_, _, head, batch), tile_n, make_coord(_, 0));
-      Tensor gV = local_tile(p.tma_v.get_tma_tensor(shape)(_, _, head, batch), tile_n, make_coord(_, 0));
+      Tensor gQ = local_tile(sample_view<kHeadDim>(p.tma_q, p, rows, head), tile_m, make_coord(m_block, 0));
+      Tensor gdO = local_tile(sample_view<kHeadDim>(p.tma_do, p, rows, head), tile_m, make_coord(m_block, 0));
+      Tensor gK = local_tile(sample_view<kHeadDim>(p.tma_k, p, rows, head), tile_n, make_coord(_, 0));
+      Tensor gV = local_tile(sample_view<kHeadDim>(p.tma_v, p, rows, head), tile_n, make_coord(_, 0));
       auto [tQg, tQs] = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
       auto [tdOg, tdOs] =
           tma_partition(p.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
@@ -792,7 +830,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tdQsdQ = thr_dq.partition_C(sQw);  // this warpgroup's Q rows: its last S = Q K^T is done
   copy(rdQ, tdQsdQ);
   warpgroup_sync(1 + cwg);
-  Element* dq = static_cast<Element*>(p.dq.data) + batch * p.dq.sb + head * p.dq.sh;
+  Element* dq = static_cast<Element*>(p.dq.data) + rows.tma_batch * p.dq.sb + head * p.dq.sh + rows.start * p.dq.ss;
   store_rows<kHeadDim>(sQw, dq, p.dq.ss, row0, seqlen, tid);
 #else
   __trap();
@@ -855,8 +893,10 @@ struct BwdDkvTraits {
     int64_t prefix_stride;
     int prefix_is_64;
     int causal;
-    int seqlen, heads, batch;
+    int seqlen, heads, batch;  // varlen: max_seqlen (the grid), H, N
     float scale_log2, scale;
+    const int* cu_seqlens;  // varlen: (N + 1,) row offsets; null: padded (B, H, S, D)
+    int total_rows;         // rows of the TMA view: S, or T when varlen
   };
 };
 
@@ -878,8 +918,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int n_block = blockIdx.x;  // the first key tiles are seen by the most queries: launched first
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
-  const int seqlen = p.seqlen;
+  const SampleRows rows = sample_rows(p.cu_seqlens, batch, p.seqlen);
+  const int seqlen = rows.seqlen;
   const int n0 = n_block * kBlockN;
+  if (n0 >= seqlen) return;  // varlen: a sample shorter than the longest (the whole block leaves)
   const int prefix = visible_prefix(p.prefix, p.prefix_stride, p.prefix_is_64, batch, seqlen, p.causal);
   const QueryBlocks blocks = query_blocks<kBlockM, kBlockN>(n0, prefix, seqlen);
   const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWarpgroup, 0);
@@ -908,13 +950,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
       cute::prefetch_tma_descriptor(p.tma_do.get_tma_descriptor());
-      const auto shape = make_shape(seqlen, kHeadDim, p.heads, p.batch);
       const auto tile_m = Shape<Int<kBlockM>, Int<kHeadDim>>{};
       const auto tile_n = Shape<Int<kBlockN>, Int<kHeadDim>>{};
-      Tensor gK = local_tile(p.tma_k.get_tma_tensor(shape)(_, _, head, batch), tile_n, make_coord(n_block, 0));
-      Tensor gV = local_tile(p.tma_v.get_tma_tensor(shape)(_, _, head, batch), tile_n, make_coord(n_block, 0));
-      Tensor gQ = local_tile(p.tma_q.get_tma_tensor(shape)(_, _, head, batch), tile_m, make_coord(_, 0));
-      Tensor gdO = local_tile(p.tma_do.get_tma_tensor(shape)(_, _, head, batch), tile_m, make_coord(_, 0));
+      Tensor gK = local_tile(sample_view<kHeadDim>(p.tma_k, p, rows, head), tile_n, make_coord(n_block, 0));
+      Tensor gV = local_tile(sample_view<kHeadDim>(p.tma_v, p, rows, head), tile_n, make_coord(n_block, 0));
+      Tensor gQ = local_tile(sample_view<kHeadDim>(p.tma_q, p, rows, head), tile_m, make_coord(_, 0));
+      Tensor gdO = local_tile(sample_view<kHeadDim>(p.tma_do, p, rows, head), tile_m, make_coord(_, 0));
       auto [tKg, tKs] = tma_partition(p.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(p.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
       auto [tQg, tQs] = tma_partition(p.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
@@ -1044,8 +1085,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     copy(rdK, tdKsdK);
   }
   warpgroup_sync(1 + cwg);
-  Element* dv = static_cast<Element*>(p.dv.data) + batch * p.dv.sb + head * p.dv.sh;
-  Element* dk = static_cast<Element*>(p.dk.data) + batch * p.dk.sb + head * p.dk.sh;
+  Element* dv = static_cast<Element*>(p.dv.data) + rows.tma_batch * p.dv.sb + head * p.dv.sh + rows.start * p.dv.ss;
+  Element* dk = static_cast<Element*>(p.dk.data) + rows.tma_batch * p.dk.sb + head * p.dk.sh + rows.start * p.dk.ss;
   store_rows<kHeadDim>(sVw, dv, p.dv.ss, key0, seqlen, tid);
   store_rows<kHeadDim>(sKw, dk, p.dk.ss, key0, seqlen, tid);
 #else
@@ -1139,12 +1180,57 @@ typename Traits::GmemTensor tma_view(const at::Tensor& t, const Bhsd& s) {
       make_stride(s.stride_s, _1{}, s.stride_h, s.stride_b));
 }
 
+// The TMA copy `make()` returns for tensor `name`, from the cache of copies of its kind (its C++ type)
+// when the same tensor layout was seen before (csrc/tma_descriptors.h). A descriptor the driver
+// refused to encode is an error that names the tensor, never a launch.
+template <class Tma, class Make>
+Tma cached_tma(const char* op, const char* name, const at::Tensor& t, const Bhsd& s, Make&& make) {
+  static TmaCache<Tma> cache;  // one per kind of copy: each template instance has its own
+  const TmaKey key{t.data_ptr(), t.get_device(), static_cast<int>(t.scalar_type()),
+                   {t.size(0), t.size(1), t.size(2), t.size(3)}, {s.stride_b, s.stride_h, s.stride_s, 1}};
+  bool built = false;
+  Tma tma = cache.get(key, std::forward<Make>(make), built);
+  TORCH_CHECK(built, op, ": the driver could not encode the TMA descriptor of ", name, " (shape ", t.sizes(),
+              ", strides ", t.strides(), ", address ", t.data_ptr(),
+              "; the arguments it refused are printed above); use another attention kernel for this layout");
+  return tma;
+}
+
+// The TMA load of tensor `t` (checked by tma_strides) into tiles of `box` rows x D with the shared
+// memory layout `smem` of one stage, cached.
+template <class Traits, class SmemLayout, class Box>
+auto tma_load(const char* op, const char* name, const at::Tensor& t, SmemLayout smem, Box box) {
+  const Bhsd s = tma_strides(op, name, t);
+  using Tma = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<typename Traits::GmemTensor>(), smem, box, _1{}));
+  return cached_tma<Tma>(op, name, t, s, [&] { return make_tma_copy(SM90_TMA_LOAD{}, tma_view<Traits>(t, s), smem, box, _1{}); });
+}
+
 struct AttentionArgs {
-  int B, H, S, D;
+  int B, H, S, D;  // varlen: N sequences, H, max_seqlen, D
   const void* prefix;
   int64_t prefix_stride;
   bool prefix_is_64;
+  const int* cu_seqlens = nullptr;  // varlen only: (N + 1,) row offsets
+  int total_rows = 0;               // rows of the TMA view: S, or T when varlen
 };
+
+// A (T, H, D) tensor of packed sequences as the (1, H, T, D) batch the kernels read (a view).
+at::Tensor as_one_batch(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+
+// The per-sample prefix (n,) int32 or int64 on q's device, or none (plain causal).
+void set_prefix(const char* op, AttentionArgs& a, const std::optional<at::Tensor>& prefix_len, int64_t n,
+                const char* n_name, const at::Tensor& q) {
+  if (!prefix_len.has_value()) return;
+  const at::Tensor& pl = *prefix_len;
+  check_same_device(op, "prefix_len", pl, q);
+  TORCH_CHECK(pl.scalar_type() == at::kInt || pl.scalar_type() == at::kLong, op,
+              ": prefix_len must be int32 or int64, got ", pl.scalar_type());
+  TORCH_CHECK(pl.dim() == 1 && pl.size(0) == n, op, ": prefix_len must have shape (", n_name, ",) = (", n,
+              ",), got ", pl.sizes());
+  a.prefix = pl.data_ptr();
+  a.prefix_stride = pl.stride(0);
+  a.prefix_is_64 = pl.scalar_type() == at::kLong;
+}
 
 AttentionArgs check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const std::optional<at::Tensor>& prefix_len) {
@@ -1167,21 +1253,39 @@ AttentionArgs check_attention_inputs(const char* op, const at::Tensor& q, const 
   a.B = static_cast<int>(q.size(0));
   a.H = static_cast<int>(q.size(1));
   a.S = static_cast<int>(q.size(2));
+  a.total_rows = a.S;
   a.D = static_cast<int>(q.size(3));
   TORCH_CHECK(a.D == 64 || a.D == 128, op, ": head dim must be 64 or 128, got ", q.size(3));
   TORCH_CHECK(q.size(0) <= 65535 && q.size(1) <= 65535, op, ": B and H must be at most 65535, got ", q.sizes());
   TORCH_CHECK(q.size(2) < (int64_t{1} << 30), op, ": S must be below 2^30, got ", q.size(2));
-  if (prefix_len.has_value()) {
-    const at::Tensor& pl = *prefix_len;
-    check_same_device(op, "prefix_len", pl, q);
-    TORCH_CHECK(pl.scalar_type() == at::kInt || pl.scalar_type() == at::kLong, op,
-                ": prefix_len must be int32 or int64, got ", pl.scalar_type());
-    TORCH_CHECK(pl.dim() == 1 && pl.size(0) == q.size(0), op, ": prefix_len must have shape (B,) = (", q.size(0),
-                ",), got ", pl.sizes());
-    a.prefix = pl.data_ptr();
-    a.prefix_stride = pl.stride(0);
-    a.prefix_is_64 = pl.scalar_type() == at::kLong;
-  }
+  set_prefix(op, a, prefix_len, q.size(0), "B", q);
+  return a;
+}
+
+// q, k, v of packed sequences (T, H, D), checked, and the launch arguments: N = cu_seqlens.size(0) - 1
+// samples of at most max_seqlen rows. The kernels read the tensors as one (1, H, T, D) batch.
+AttentionArgs check_varlen_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cu_seqlens, int64_t max_seqlen,
+                                  const std::optional<at::Tensor>& prefix_len) {
+  TORCH_CHECK(q.dim() == 3, op, ": q must have shape (T, H, D), got ", q.sizes());
+  check_shape(op, "k", k, q.sizes());
+  check_shape(op, "v", v, q.sizes());
+  AttentionArgs a = check_attention_inputs(op, as_one_batch(q), as_one_batch(k), as_one_batch(v), std::nullopt);
+  TORCH_CHECK(cu_seqlens.is_cuda(), op, ": cu_seqlens must be a CUDA tensor, got one on ", cu_seqlens.device());
+  check_same_device(op, "cu_seqlens", cu_seqlens, q);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1 && cu_seqlens.stride(0) == 1, op,
+              ": cu_seqlens must be a contiguous (N + 1,) tensor, got sizes ", cu_seqlens.sizes(), " strides ",
+              cu_seqlens.strides());
+  const int64_t n = cu_seqlens.size(0) - 1;
+  TORCH_CHECK(n <= 65535, op, ": at most 65535 sequences per call, got ", n);
+  TORCH_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 30), op, ": max_seqlen must be in [0, 2^30), got ",
+              max_seqlen);
+  a.B = static_cast<int>(n);
+  a.S = static_cast<int>(max_seqlen);
+  a.total_rows = static_cast<int>(q.size(0));
+  a.cu_seqlens = cu_seqlens.data_ptr<int>();
+  set_prefix(op, a, prefix_len, n, "N", q);
   return a;
 }
 
@@ -1190,16 +1294,14 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
                 double scale, at::Tensor& out, at::Tensor& lse, cudaStream_t stream) {
   using Element = typename Traits::Element;
   const char* op = "cuda_attention_fwd_sm90";
-  const auto gq = tma_view<Traits>(q, tma_strides(op, "q", q));
-  const auto gk = tma_view<Traits>(k, tma_strides(op, "k", k));
-  const auto gv = tma_view<Traits>(v, tma_strides(op, "v", v));
   using BM = Int<Traits::kBlockM>;
   using BN = Int<Traits::kBlockN>;
   using D = Int<Traits::kHeadDim>;
+  const auto kv_stage = take<0, 2>(typename Traits::SmemLayoutK{});
   typename Traits::Params p{
-      make_tma_copy(SM90_TMA_LOAD{}, gq, typename Traits::SmemLayoutQ{}, Shape<BM, D>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename Traits::SmemLayoutK{}), Shape<BN, D>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename Traits::SmemLayoutK{}), Shape<BN, D>{}, _1{}),
+      tma_load<Traits>(op, "q", q, typename Traits::SmemLayoutQ{}, Shape<BM, D>{}),
+      tma_load<Traits>(op, "k", k, kv_stage, Shape<BN, D>{}),
+      tma_load<Traits>(op, "v", v, kv_stage, Shape<BN, D>{}),
       static_cast<Element*>(out.data_ptr()),
       lse.data_ptr<float>(),
       a.prefix,
@@ -1210,6 +1312,8 @@ void launch_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       a.H,
       a.B,
       static_cast<float>(scale * kLog2e),
+      a.cu_seqlens,
+      a.total_rows,
   };
   auto kernel = attention_fwd_sm90_kernel<Traits>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes));
@@ -1233,6 +1337,28 @@ GradOut grad_out(const char* op, const char* name, const at::Tensor& t, const at
   return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// The backward's dout and out (B, H, S, D) like q, rows on 16-byte boundaries; lse (B, H, S) float32.
+void check_bwd_inputs(const char* op, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                      const at::Tensor& q) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
+    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+    check_same_device(op, name, t, q);
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+                ", got ", t.scalar_type());
+    check_shape(op, name, t, q.sizes());
+    TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t.strides());
+  }
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
+                  (out.size(2) == 1 || (out.stride(2) * out.element_size()) % 16 == 0) &&
+                  (out.size(1) == 1 || (out.stride(1) * out.element_size()) % 16 == 0) &&
+                  (out.size(0) == 1 || (out.stride(0) * out.element_size()) % 16 == 0),
+              op, ": out must have rows on 16-byte boundaries, got strides ", out.strides());
+  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat, op, ": lse must be a float32 CUDA tensor, got ",
+              lse.scalar_type(), " on ", lse.device());
+  check_same_device(op, "lse", lse, q);
+  check_shape(op, "lse", lse, q.sizes().slice(0, 3));
+}
+
 template <class Element, int kHeadDim>
 void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& out, const at::Tensor& lse, const AttentionArgs& a, bool causal, double scale,
@@ -1241,10 +1367,6 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   using DqT = BwdDqTraits<Element, kHeadDim>;
   using DkvT = BwdDkvTraits<Element, kHeadDim>;
   using D = Int<kHeadDim>;
-  const auto gq = tma_view<DqT>(q, tma_strides(op, "q", q));
-  const auto gk = tma_view<DqT>(k, tma_strides(op, "k", k));
-  const auto gv = tma_view<DqT>(v, tma_strides(op, "v", v));
-  const auto gdo = tma_view<DqT>(dout, tma_strides(op, "dout", dout));
 
   // Row statistics, padded per (sample, head) to whole 128-row tiles.
   const int s_pad = (a.S + 127) / 128 * 128;
@@ -1258,18 +1380,19 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         static_cast<const Element*>(out.data_ptr()), out.stride(0), out.stride(1), out.stride(2),
         static_cast<const Element*>(dout.data_ptr()), dout.stride(0), dout.stride(1), dout.stride(2),
         lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2), lse2.data_ptr<float>(),
-        delta.data_ptr<float>(), a.S, s_pad, a.H);
+        delta.data_ptr<float>(), a.S, s_pad, a.H, a.cu_seqlens);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const float scale_log2 = static_cast<float>(scale * kLog2e);
   {
     using BM = Int<DqT::kBlockM>;
     using BN = Int<DqT::kBlockN>;
+    const auto kv_stage = take<0, 2>(typename DqT::SmemLayoutK{});
     typename DqT::Params p{
-        make_tma_copy(SM90_TMA_LOAD{}, gq, typename DqT::SmemLayoutQ{}, Shape<BM, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gdo, typename DqT::SmemLayoutQ{}, Shape<BM, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename DqT::SmemLayoutK{}), Shape<BN, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gv, take<0, 2>(typename DqT::SmemLayoutK{}), Shape<BN, D>{}, _1{}),
+        tma_load<DqT>(op, "q", q, typename DqT::SmemLayoutQ{}, Shape<BM, D>{}),
+        tma_load<DqT>(op, "dout", dout, typename DqT::SmemLayoutQ{}, Shape<BM, D>{}),
+        tma_load<DqT>(op, "k", k, kv_stage, Shape<BN, D>{}),
+        tma_load<DqT>(op, "v", v, kv_stage, Shape<BN, D>{}),
         dq,
         lse2.data_ptr<float>(),
         delta.data_ptr<float>(),
@@ -1283,6 +1406,8 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         a.B,
         scale_log2,
         static_cast<float>(scale),
+        a.cu_seqlens,
+        a.total_rows,
     };
     auto kernel = attention_bwd_dq_sm90_kernel<DqT>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DqT::kSmemBytes));
@@ -1293,11 +1418,12 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   {
     using BM = Int<DkvT::kBlockM>;
     using BN = Int<DkvT::kBlockN>;
+    const auto q_stage = take<0, 2>(typename DkvT::SmemLayoutQ{});
     typename DkvT::Params p{
-        make_tma_copy(SM90_TMA_LOAD{}, gk, typename DkvT::SmemLayoutKV{}, Shape<BN, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gv, typename DkvT::SmemLayoutKV{}, Shape<BN, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gq, take<0, 2>(typename DkvT::SmemLayoutQ{}), Shape<BM, D>{}, _1{}),
-        make_tma_copy(SM90_TMA_LOAD{}, gdo, take<0, 2>(typename DkvT::SmemLayoutQ{}), Shape<BM, D>{}, _1{}),
+        tma_load<DkvT>(op, "k", k, typename DkvT::SmemLayoutKV{}, Shape<BN, D>{}),
+        tma_load<DkvT>(op, "v", v, typename DkvT::SmemLayoutKV{}, Shape<BN, D>{}),
+        tma_load<DkvT>(op, "q", q, q_stage, Shape<BM, D>{}),
+        tma_load<DkvT>(op, "dout", dout, q_stage, Shape<BM, D>{}),
         dk,
         dv,
         lse2.data_ptr<float>(),
@@ -1312,6 +1438,8 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         a.B,
         scale_log2,
         static_cast<float>(scale),
+        a.cu_seqlens,
+        a.total_rows,
     };
     auto kernel = attention_bwd_dkdv_sm90_kernel<DkvT>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DkvT::kSmemBytes));
@@ -1382,29 +1510,59 @@ void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::T
   const sm90::GradOut gdq = sm90::grad_out(op, "dq", dq, q);
   const sm90::GradOut gdk = sm90::grad_out(op, "dk", dk, q);
   const sm90::GradOut gdv = sm90::grad_out(op, "dv", dv, q);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout}, {"out", out}}) {
-    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-    check_same_device(op, name, t, q);
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
-                ", got ", t.scalar_type());
-    check_shape(op, name, t, q.sizes());
-    TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t.strides());
-  }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 &&
-                  (out.size(2) == 1 || (out.stride(2) * out.element_size()) % 16 == 0) &&
-                  (out.size(1) == 1 || (out.stride(1) * out.element_size()) % 16 == 0) &&
-                  (out.size(0) == 1 || (out.stride(0) * out.element_size()) % 16 == 0),
-              op, ": out must have rows on 16-byte boundaries, got strides ", out.strides());
-  TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == at::kFloat, op, ": lse must be a float32 CUDA tensor, got ",
-              lse.scalar_type(), " on ", lse.device());
-  check_same_device(op, "lse", lse, q);
-  check_shape(op, "lse", lse, q.sizes().slice(0, 3));
+  sm90::check_bwd_inputs(op, dout, out, lse, q);
   if (q.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   sm90::check_sm90_device(op, q);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   sm90::dispatch_sm90<sm90::FwdTraits, sm90::BwdLaunch>(q, a.D, dout, q, k, v, out, lse, a, causal, scale, gdq, gdk,
                                                          gdv, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm90(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                             int64_t max_seqlen,
+                                                             const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                             double scale) {
+  const char* op = "cuda_attention_varlen_fwd_sm90";
+  const sm90::AttentionArgs a = sm90::check_varlen_inputs(op, q, k, v, cu_seqlens, max_seqlen, prefix_len);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), a.H, a.D}, q.options());          // (T, H, D)
+  at::Tensor lse = at::empty({a.H, q.size(0)}, q.options().dtype(at::kFloat));  // (H, T)
+  if (q.numel() == 0 || a.B == 0 || a.S == 0) return {out, lse};
+  sm90::check_sm90_device(op, q);
+  poison_outputs({out, lse});
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  sm90::dispatch_sm90<sm90::FwdTraits, sm90::FwdLaunch>(q, a.D, sm90::as_one_batch(q), sm90::as_one_batch(k),
+                                                        sm90::as_one_batch(v), a, causal, scale, out, lse, stream);
+  return {out, lse};
+}
+
+void attention_varlen_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
+                               int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const char* op = "cuda_attention_varlen_bwd_sm90";
+  const sm90::AttentionArgs a = sm90::check_varlen_inputs(op, q, k, v, cu_seqlens, max_seqlen, prefix_len);
+  // Everything below in the (1, H, T, D) batch view; lse (H, T) as (1, H, T).
+  const at::Tensor q1 = sm90::as_one_batch(q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dq", dq}, {"dk", dk}, {"dv", dv},
+                                {"dout", dout}, {"out", out}}) {
+    check_shape(op, name, t, q.sizes());
+  }
+  TORCH_CHECK(lse.dim() == 2, op, ": lse must have shape (H, T) = (", a.H, ", ", q.size(0), "), got ", lse.sizes());
+  const sm90::GradOut gdq = sm90::grad_out(op, "dq", sm90::as_one_batch(dq), q1);
+  const sm90::GradOut gdk = sm90::grad_out(op, "dk", sm90::as_one_batch(dk), q1);
+  const sm90::GradOut gdv = sm90::grad_out(op, "dv", sm90::as_one_batch(dv), q1);
+  const at::Tensor dout1 = sm90::as_one_batch(dout), out1 = sm90::as_one_batch(out), lse1 = lse.unsqueeze(0);
+  sm90::check_bwd_inputs(op, dout1, out1, lse1, q1);
+  if (q.numel() == 0 || a.B == 0 || a.S == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  sm90::check_sm90_device(op, q);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  sm90::dispatch_sm90<sm90::FwdTraits, sm90::BwdLaunch>(q, a.D, dout1, q1, sm90::as_one_batch(k),
+                                                         sm90::as_one_batch(v), out1, lse1, a, causal, scale, gdq,
+                                                         gdk, gdv, stream);
 }
 
 }  // namespace aimv2

@@ -30,6 +30,11 @@ TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
         "-> (Tensor, Tensor)");
   m.def("cuda_attention_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  m.def("cuda_attention_varlen_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+        "Tensor? prefix_len, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("cuda_attention_varlen_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, int max_seqlen, Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, "
+        "Tensor(b!) dk, Tensor(c!) dv) -> ()");
   // sm_80 attention (csrc/attention_sm80.cu): mma.sync tiles, runs on sm_80 and newer.
   m.def("cuda_attention_fwd_sm80(Tensor q, Tensor k, Tensor v, Tensor? prefix_len, bool causal, float scale) "
         "-> (Tensor, Tensor)");
@@ -52,6 +57,8 @@ TORCH_LIBRARY_IMPL(aimv2_kernels, CUDA, m) {
   m.impl("cuda_ce_rows", &aimv2::ce_rows);
   m.impl("cuda_attention_fwd_sm90", &aimv2::attention_fwd_sm90);
   m.impl("cuda_attention_bwd_sm90", &aimv2::attention_bwd_sm90);
+  m.impl("cuda_attention_varlen_fwd_sm90", &aimv2::attention_varlen_fwd_sm90);
+  m.impl("cuda_attention_varlen_bwd_sm90", &aimv2::attention_varlen_bwd_sm90);
   m.impl("cuda_attention_fwd_sm80", &aimv2::attention_fwd_sm80);
   m.impl("cuda_attention_bwd_sm80", &aimv2::attention_bwd_sm80);
 }

@@ -67,6 +67,19 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90(const at::Tensor& q, const
 void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
                         bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+// Varlen: packed sequences q, k, v (T, H, D), sample b the rows [cu_seqlens[b], cu_seqlens[b + 1])
+// (int32 (N + 1,) on the device, N <= 65535), at most max_seqlen rows each, prefix_len (N,) or none.
+// Returns out (T, H, D) and lse (H, T) float32; the backward writes dq, dk, dv (T, H, D, rows on
+// 16-byte boundaries: views of a packed (T, 3, H, D) buffer qualify).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm90(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                             int64_t max_seqlen,
+                                                             const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                             double scale);
+void attention_varlen_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
+                               int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 // Prefix-causal attention on sm_80 and newer (csrc/attention_sm80.cu: mma.sync, cp.async, ldmatrix):
 // the contract of attention_fwd / attention_bwd in aimv2_kernels/ops/attention.py. q, k, v (B, H, S, D)

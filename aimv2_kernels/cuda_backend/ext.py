@@ -30,8 +30,11 @@ import torch
 
 # Compiler flags of both builds. No -std: torch's extension builder picks the standard its headers
 # need (C++17 in older releases, C++20 in newer ones); a fixed one would break one side or the other.
-CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+# NDEBUG: CuTe asserts when the driver refuses a TMA descriptor, which would abort the whole Python
+# process; without the assert the descriptor stays zero and csrc/tma_descriptors.h turns that into an
+# error naming the tensor. Both compilers get it so every translation unit sees the same inline code.
+CXX_FLAGS = ["-O3", "-DNDEBUG"]
+NVCC_FLAGS = ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 SOURCE_SUFFIXES = (".cu", ".cpp")
 JIT_NAME = "aimv2_kernels_cuda"
 # Set to 1 where an untimed build of minutes must never start behind an innocent call such as
