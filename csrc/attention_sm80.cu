@@ -69,6 +69,13 @@
 // results are bitwise run-to-run deterministic. Rows past S are never read (zero-filled in shared
 // memory; identity-tensor predication) and never written; zero rows of Q and dO give zero
 // contributions, and padded keys are hidden from every real query by the mask.
+//
+// Varlen mode (params.cu_seqlens set; ops cuda_attention_varlen_{fwd,bwd}_sm80): packed sequences
+// (T, H, D), one launch of each kernel for all N sequences over the tiles of the longest one. Each
+// block reads its sequence's start and length from cu_seqlens (sample_rows), leaves at once when its
+// tile starts at or past the length, and otherwise runs the code above with S = the length and base
+// addresses moved to the sequence's first token: rows past the sequence's end, which belong to the
+// next sequence, are never read or written, exactly as rows past S. lse and delta are (H, T).
 #include "attention.h"
 #include "common.cuh"
 #include "ops.h"
@@ -133,24 +140,43 @@ using StoreC = UniversalCopy<uint32_t>;
 
 // ---- device helpers ------------------------------------------------------------------------------
 
-// P in [0, S] for sample b: keys below it are visible to every query.
-__device__ __forceinline__ int visible_prefix(const AttentionSm80Params& p, int b) {
-  if (!p.causal) return p.seqlen;
+// Where sample b's rows are. `batch` is the batch index that HeadRows and stats_offset take: b when
+// padded; in varlen mode the sequence's first token (its operands' batch strides are their row
+// strides, the statistics' batch stride is 1). `seqlen` is the sample's S: the sequence's length when
+// varlen, so every bound below stops at its end and no key of the next sequence is ever read.
+struct SampleRows {
+  int batch, seqlen;
+};
+__device__ __forceinline__ SampleRows sample_rows(const AttentionSm80Params& p, int b) {
+  if (p.cu_seqlens == nullptr) return SampleRows{b, p.seqlen};
+  const int start = p.cu_seqlens[b];
+  return SampleRows{start, p.cu_seqlens[b + 1] - start};
+}
+
+// Where the lse / delta rows of (batch index, head h) start.
+__device__ __forceinline__ int64_t stats_offset(const AttentionSm80Params& p, int batch, int h) {
+  return batch * p.stats_batch_stride + h * p.stats_head_stride;
+}
+
+// P in [0, S] for sample b of S rows: keys below it are visible to every query.
+__device__ __forceinline__ int visible_prefix(const AttentionSm80Params& p, int b, int seqlen) {
+  if (!p.causal) return seqlen;
   if (p.prefix == nullptr) return 0;
   const int64_t v = p.prefix_int64 ? static_cast<const int64_t*>(p.prefix)[b]
                                    : static_cast<int64_t>(static_cast<const int32_t*>(p.prefix)[b]);
-  return static_cast<int>(v < 0 ? 0 : (v > p.seqlen ? p.seqlen : v));
+  return static_cast<int>(v < 0 ? 0 : (v > seqlen ? seqlen : v));
 }
 
-// One head's rows of operand t: a 64-bit base and a 32-bit row stride (the host entries make sure
-// that 256 rows of it span less than 2^31 elements), so that tile addresses need one 64-bit add per
-// tile and 32-bit arithmetic per row (64-bit row offsets cost registers the forward does not have).
+// One head's rows of operand t (batch index from sample_rows): a 64-bit base and a 32-bit row stride
+// (the host entries make sure that 256 rows of it span less than 2^31 elements), so that tile
+// addresses need one 64-bit add per tile and 32-bit arithmetic per row (64-bit row offsets cost
+// registers the forward does not have).
 template <typename Element, int kHeadDim>
 struct HeadRows {
   Element* base;
   int stride;
-  __device__ __forceinline__ HeadRows(const AttentionSm80Operand& t, int b, int h)
-      : base(static_cast<Element*>(t.data) + b * t.batch_stride + h * t.head_stride),
+  __device__ __forceinline__ HeadRows(const AttentionSm80Operand& t, int batch, int h)
+      : base(static_cast<Element*>(t.data) + batch * t.batch_stride + h * t.head_stride),
         stride(static_cast<int>(t.row_stride)) {}
   // The (kRows, D) tile of rows [row0, row0 + kRows) (rows past S are addressed, never accessed).
   template <int kRows>
@@ -327,7 +353,8 @@ __device__ __forceinline__ int fresh_block_index() {
 
 // Where block `block` of a 1-D grid over (batch * head, tile) works: tiles of one head are adjacent
 // (they share K/V or Q/dO in L2); last_first numbers the tiles from the end (the query tiles that see
-// the most keys start first, shortening the tail).
+// the most keys start first, shortening the tail). In varlen mode `tiles` covers the longest sequence
+// (p.seqlen) and blocks whose tile starts past their own sequence's end return at once.
 struct BlockCoords {
   int b, h, tile;
 };
@@ -337,16 +364,18 @@ __device__ __forceinline__ BlockCoords block_coords(int block, int tiles, int he
   return BlockCoords{bh / heads, bh % heads, last_first ? tiles - 1 - t : t};
 }
 
-// Key tiles of BN that query tile [m0, m0 + BM) visits: [0, n_full) unmasked, [n_full, n_tiles)
-// boundary (see the file comment).
+// Key tiles of BN that query tile [m0, m0 + BM) visits: [0, n_full) unmasked, then boundary tiles up
+// to key_end (hi in the file comment; at most S). Keys at or past key_end are hidden from every query
+// of the tile, so the key loop loads rows below key_end only (zero-filling the rest of its last tile)
+// and needs no S: in varlen mode S is a per-sequence value that would take a register through the
+// loop, and the forward at D = 128 has none to spare.
 template <int BM, int BN>
 struct KeyRange {
-  int n_full, n_tiles;
+  int n_full, key_end;
   __device__ __forceinline__ KeyRange(int m0, int prefix, int seqlen) {
     const int full_end = min(max(m0 + 1, prefix), seqlen) / BN * BN;
-    const int hi = max(min(m0 + BM, seqlen), prefix);
     n_full = full_end / BN;
-    n_tiles = (hi + BN - 1) / BN;
+    key_end = max(min(m0 + BM, seqlen), prefix);
   }
 };
 
@@ -379,17 +408,18 @@ __global__ void __launch_bounds__(FwdTile<Element, kHeadDim>::kThreads)
   constexpr int D = kHeadDim;
   extern __shared__ __align__(128) unsigned char smem_buf[];
 
-  const int S = p.seqlen;
-  const int m_tiles = (S + BM - 1) / BM;
+  const int m_tiles = (p.seqlen + BM - 1) / BM;
   const BlockCoords coords = block_coords(blockIdx.x, m_tiles, p.heads, true);  // last tiles (most keys) first
-  const int b = coords.b;
+  const SampleRows rows = sample_rows(p, coords.b);
+  const int S = rows.seqlen;
   const int h = coords.h;
   const int m0 = coords.tile * BM;
-  const int prefix = visible_prefix(p, b);
+  if (m0 >= S) return;  // varlen: past this sequence's end (the whole block leaves, before any barrier)
+  const int prefix = visible_prefix(p, coords.b, S);
   const KeyRange<BM, BN> range(m0, prefix, S);
   const int tid = threadIdx.x;
-  const HeadRows<const Element, D> k_rows(p.k, b, h);
-  const HeadRows<const Element, D> v_rows(p.v, b, h);
+  const HeadRows<const Element, D> k_rows(p.k, rows.batch, h);
+  const HeadRows<const Element, D> v_rows(p.v, rows.batch, h);
 
   Element* smem = reinterpret_cast<Element*>(smem_buf);
   auto sQ = make_tensor(make_smem_ptr(smem), SmemTile<BM, D>{});
@@ -442,24 +472,24 @@ __global__ void __launch_bounds__(FwdTile<Element, kHeadDim>::kThreads)
 
   // Prologue: Q and the first K tile.
   {
-    const HeadRows<const Element, D> q_rows(p.q, b, h);
+    const HeadRows<const Element, D> q_rows(p.q, rows.batch, h);
     load_tile<true>(gmem_load, load_thr.partition_S(q_rows.template tile<BM>(m0)), tQsQ, tQcQ, S - m0);
   }
-  load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(0)), tKsK, tKcK, S, BN);
+  load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(0)), tKsK, tKcK, range.key_end, BN);
   cp_async_fence();
 
-  // Key tiles [0, n_full) are unmasked, [n_full, n_tiles) boundary tiles. (One loop: separate loops
-  // for the two kinds spill, ptxas keeping the carried state in different registers in each.)
-  for (int j = 0; j < range.n_tiles; ++j) {
+  // Key tiles [0, n_full) are unmasked, the rest up to key_end boundary tiles. (One loop: separate
+  // loops for the two kinds spill, ptxas keeping the carried state in different registers in each.)
+  for (int j = 0; j * BN < range.key_end; ++j) {
     const int stage = j & 1;
     const int n0 = j * BN;
     cp_async_wait<0>();
     __syncthreads();  // K_j landed for every thread; V and K stage 1 - stage are free
-    load_rows(gmem_load, load_thr.partition_S(v_rows.template tile<BN>(n0)), tVsV, tKcK, S - n0, BN);
+    load_rows(gmem_load, load_thr.partition_S(v_rows.template tile<BN>(n0)), tVsV, tKcK, range.key_end - n0, BN);
     cp_async_fence();
-    if (j + 1 < range.n_tiles) {
+    if (n0 + BN < range.key_end) {
       load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(n0 + BN)),
-                shifted(tKsK, (1 - stage) * Cfg::kKVElems), tKcK, S - n0 - BN, BN);
+                shifted(tKsK, (1 - stage) * Cfg::kKVElems), tKcK, range.key_end - n0 - BN, BN);
     }
     cp_async_fence();
 
@@ -518,11 +548,12 @@ __global__ void __launch_bounds__(FwdTile<Element, kHeadDim>::kThreads)
   // (fresh_thread_index): kept from the prologue they would occupy registers through the loop.
   const int tid_e = fresh_thread_index();
   const BlockCoords ce = block_coords(fresh_block_index(), m_tiles, p.heads, true);
+  const SampleRows re = sample_rows(p, ce.b);
   const int m0e = ce.tile * BM;
   auto tOcO = mma.get_thread_slice(tid_e).partition_C(cQ);
   auto tOcO_rc = make_tensor(tOcO.data(), rowcol(tOcO.layout()));
   auto o = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
-  const int64_t stats_row = (static_cast<int64_t>(ce.b) * p.heads + ce.h) * S;
+  const int64_t stats_row = stats_offset(p, re.batch, ce.h);
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = row_sum[r / 2][2 * (r % 2)];
@@ -530,7 +561,7 @@ __global__ void __launch_bounds__(FwdTile<Element, kHeadDim>::kThreads)
     CUTE_UNROLL
     for (int c = 0; c < size<1>(o); ++c) o(r, c) *= inv;
     const int row = m0e + get<0>(tOcO_rc(r, 0));
-    if (get<1>(tOcO_rc(r, 0)) == 0 && row < S) {
+    if (get<1>(tOcO_rc(r, 0)) == 0 && row < re.seqlen) {
       p.lse[stats_row + row] = sum > 0.f ? row_max[r] * p.scale + logf(sum) : INFINITY;
     }
   }
@@ -544,16 +575,17 @@ __global__ void __launch_bounds__(FwdTile<Element, kHeadDim>::kThreads)
   __syncthreads();
   GmemStore<Element, Cfg::kThreads> gmem_store;
   auto store_thr = gmem_store.get_thread_slice(tid_e);
-  const HeadRows<Element, D> o_rows(p.out, ce.b, ce.h);
+  const HeadRows<Element, D> o_rows(p.out, re.batch, ce.h);
   store_tile(gmem_store, store_thr.partition_S(sO), store_thr.partition_D(o_rows.template tile<BM>(m0e)),
-             store_thr.partition_S(cQ), S - m0e);
+             store_thr.partition_S(cQ), re.seqlen - m0e);
 }
 
 // ---- backward: delta -------------------------------------------------------------------------------
 
 constexpr int kPreprocessThreads = 128;
 
-// delta[row] = sum_d dout[row, d] * out[row, d] over the B * H * S rows, D / 8 threads per row.
+// delta[row] = sum_d dout[row, d] * out[row, d] over the B * H * S rows, D / 8 threads per row (varlen:
+// launched on the packed tokens as one (1, H, T) sample, which is delta's (H, T) layout).
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kPreprocessThreads) attention_bwd_preprocess_kernel(const AttentionSm80Params p) {
   constexpr int kPerRow = kHeadDim / 8;
@@ -616,14 +648,15 @@ __global__ void __launch_bounds__(DkdvTile<Element, kHeadDim, kStages>::kThreads
   constexpr int D = kHeadDim;
   extern __shared__ __align__(128) unsigned char smem_buf[];
 
-  const int S = p.seqlen;
-  const int n_tiles = (S + BN - 1) / BN;
+  const int n_tiles = (p.seqlen + BN - 1) / BN;
   // The early key tiles, seen by the most queries, first.
   const BlockCoords coords = block_coords(blockIdx.x, n_tiles, p.heads, false);
-  const int b = coords.b;
+  const SampleRows rows = sample_rows(p, coords.b);
+  const int S = rows.seqlen;
   const int h = coords.h;
   const int n0 = coords.tile * BN;
-  const int prefix = visible_prefix(p, b);
+  if (n0 >= S) return;  // varlen: past this sequence's end (the whole block leaves, before any barrier)
+  const int prefix = visible_prefix(p, coords.b, S);
   // Query tiles that see this key tile: boundary ones from lo, unmasked ones from full_start.
   const int n1 = min(n0 + BN, S);
   const int lo = (n0 < prefix ? 0 : n0) / BM * BM;
@@ -632,9 +665,9 @@ __global__ void __launch_bounds__(DkdvTile<Element, kHeadDim, kStages>::kThreads
   const int m_steps = (S - lo + BM - 1) / BM;
   const int tid = threadIdx.x;
 
-  const HeadRows<const Element, D> q_rows(p.q, b, h);
-  const HeadRows<const Element, D> do_rows(p.dout, b, h);
-  const int64_t stats_row = (static_cast<int64_t>(b) * p.heads + h) * S;
+  const HeadRows<const Element, D> q_rows(p.q, rows.batch, h);
+  const HeadRows<const Element, D> do_rows(p.dout, rows.batch, h);
+  const int64_t stats_row = stats_offset(p, rows.batch, h);
   const float* lse = p.lse + stats_row;
   const float* delta = p.delta + stats_row;
 
@@ -719,8 +752,8 @@ __global__ void __launch_bounds__(DkdvTile<Element, kHeadDim, kStages>::kThreads
 
   // Prologue: K, V and query step 0.
   {
-    const HeadRows<const Element, D> k_rows(p.k, b, h);
-    const HeadRows<const Element, D> v_rows(p.v, b, h);
+    const HeadRows<const Element, D> k_rows(p.k, rows.batch, h);
+    const HeadRows<const Element, D> v_rows(p.v, rows.batch, h);
     load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(n0)), tKsK, tKcK, S - n0, BN);
     load_rows(gmem_load, load_thr.partition_S(v_rows.template tile<BN>(n0)), tVsV, tKcK, S - n0, BN);
   }
@@ -809,8 +842,8 @@ __global__ void __launch_bounds__(DkdvTile<Element, kHeadDim, kStages>::kThreads
   __syncthreads();
   GmemStore<Element, Cfg::kThreads> gmem_store;
   auto store_thr = gmem_store.get_thread_slice(tid);
-  const HeadRows<Element, D> dk_rows(p.dk, b, h);
-  const HeadRows<Element, D> dv_rows(p.dv, b, h);
+  const HeadRows<Element, D> dk_rows(p.dk, rows.batch, h);
+  const HeadRows<Element, D> dv_rows(p.dv, rows.batch, h);
   store_tile(gmem_store, store_thr.partition_S(sK), store_thr.partition_D(dk_rows.template tile<BN>(n0)), tKcK,
              S - n0);
   store_tile(gmem_store, store_thr.partition_S(sV), store_thr.partition_D(dv_rows.template tile<BN>(n0)), tKcK,
@@ -844,19 +877,20 @@ __global__ void __launch_bounds__(DqTile<Element, kHeadDim>::kThreads)
   constexpr int D = kHeadDim;
   extern __shared__ __align__(128) unsigned char smem_buf[];
 
-  const int S = p.seqlen;
-  const int m_tiles = (S + BM - 1) / BM;
+  const int m_tiles = (p.seqlen + BM - 1) / BM;
   const BlockCoords coords = block_coords(blockIdx.x, m_tiles, p.heads, true);  // last tiles (most keys) first
-  const int b = coords.b;
+  const SampleRows rows = sample_rows(p, coords.b);
+  const int S = rows.seqlen;
   const int h = coords.h;
   const int m0 = coords.tile * BM;
-  const int prefix = visible_prefix(p, b);
+  if (m0 >= S) return;  // varlen: past this sequence's end (the whole block leaves, before any barrier)
+  const int prefix = visible_prefix(p, coords.b, S);
   const KeyRange<BM, BN> range(m0, prefix, S);
   const int tid = threadIdx.x;
 
-  const HeadRows<const Element, D> k_rows(p.k, b, h);
-  const HeadRows<const Element, D> v_rows(p.v, b, h);
-  const int64_t stats_row = (static_cast<int64_t>(b) * p.heads + h) * S;
+  const HeadRows<const Element, D> k_rows(p.k, rows.batch, h);
+  const HeadRows<const Element, D> v_rows(p.v, rows.batch, h);
+  const int64_t stats_row = stats_offset(p, rows.batch, h);
 
   Element* smem = reinterpret_cast<Element*>(smem_buf);
   auto sQ = make_tensor(make_smem_ptr(smem), SmemTile<BM, D>{});
@@ -916,24 +950,24 @@ __global__ void __launch_bounds__(DqTile<Element, kHeadDim>::kThreads)
 
   // Prologue: Q, dO and the first K tile.
   {
-    const HeadRows<const Element, D> q_rows(p.q, b, h);
-    const HeadRows<const Element, D> do_rows(p.dout, b, h);
+    const HeadRows<const Element, D> q_rows(p.q, rows.batch, h);
+    const HeadRows<const Element, D> do_rows(p.dout, rows.batch, h);
     load_tile<true>(gmem_load, load_thr.partition_S(q_rows.template tile<BM>(m0)), tQsQ, tQcQ, S - m0);
     load_tile<true>(gmem_load, load_thr.partition_S(do_rows.template tile<BM>(m0)), tdOsdO, tQcQ, S - m0);
   }
-  load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(0)), tKsK, tKcK, S, BN);
+  load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(0)), tKsK, tKcK, range.key_end, BN);
   cp_async_fence();
 
-  for (int j = 0; j < range.n_tiles; ++j) {
+  for (int j = 0; j * BN < range.key_end; ++j) {
     const int stage = j & 1;
     const int n0 = j * BN;
     cp_async_wait<0>();
     __syncthreads();  // K_j landed; V and K stage 1 - stage are free
-    load_rows(gmem_load, load_thr.partition_S(v_rows.template tile<BN>(n0)), tVsV, tKcK, S - n0, BN);
+    load_rows(gmem_load, load_thr.partition_S(v_rows.template tile<BN>(n0)), tVsV, tKcK, range.key_end - n0, BN);
     cp_async_fence();
-    if (j + 1 < range.n_tiles) {
+    if (n0 + BN < range.key_end) {
       load_rows(gmem_load, load_thr.partition_S(k_rows.template tile<BN>(n0 + BN)),
-                shifted(tKsK, (1 - stage) * Cfg::kKVElems), tKcK, S - n0 - BN, BN);
+                shifted(tKsK, (1 - stage) * Cfg::kKVElems), tKcK, range.key_end - n0 - BN, BN);
     }
     cp_async_fence();
 
@@ -985,6 +1019,7 @@ __global__ void __launch_bounds__(DqTile<Element, kHeadDim>::kThreads)
   convert_fragment(acc_dq, rdQ);
   const int tid_e = fresh_thread_index();
   const BlockCoords ce = block_coords(fresh_block_index(), m_tiles, p.heads, true);
+  const SampleRows re = sample_rows(p, ce.b);
   const int m0e = ce.tile * BM;
   cp_async_wait<0>();
   __syncthreads();  // every warp is done reading Q
@@ -994,9 +1029,9 @@ __global__ void __launch_bounds__(DqTile<Element, kHeadDim>::kThreads)
   __syncthreads();
   GmemStore<Element, Cfg::kThreads> gmem_store;
   auto store_thr = gmem_store.get_thread_slice(tid_e);
-  const HeadRows<Element, D> dq_rows(p.dq, ce.b, ce.h);
+  const HeadRows<Element, D> dq_rows(p.dq, re.batch, ce.h);
   store_tile(gmem_store, store_thr.partition_S(sdQ), store_thr.partition_D(dq_rows.template tile<BM>(m0e)),
-             store_thr.partition_S(cQ), S - m0e);
+             store_thr.partition_S(cQ), re.seqlen - m0e);
 }
 
 // ---- launchers -------------------------------------------------------------------------------------
@@ -1050,12 +1085,18 @@ void launch_dkdv(const AttentionSm80Params& p, cudaStream_t stream) {
 template <typename Element, int kHeadDim>
 void launch_bwd(const AttentionSm80Params& p, cudaStream_t stream) {
   {
+    // Row-wise: packed sequences are one (1, H, T) sample to it (delta's (H, T) layout).
+    AttentionSm80Params rows_params = p;
+    if (p.cu_seqlens != nullptr) {
+      rows_params.batch = 1;
+      rows_params.seqlen = p.total_rows;
+    }
     constexpr int kRowsPerBlock = kPreprocessThreads / (kHeadDim / 8);
-    const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen;
+    const int64_t rows = static_cast<int64_t>(rows_params.batch) * rows_params.heads * rows_params.seqlen;
     const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
     TORCH_CHECK(blocks <= INT_MAX, "attention_bwd_sm80: B * H * S = ", rows, " rows is too many");
     attention_bwd_preprocess_kernel<Element, kHeadDim>
-        <<<static_cast<int>(blocks), kPreprocessThreads, 0, stream>>>(p);
+        <<<static_cast<int>(blocks), kPreprocessThreads, 0, stream>>>(rows_params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // dK/dV double-buffers its query tiles where the device gives a block enough shared memory (A100
@@ -1132,9 +1173,18 @@ namespace {
 
 constexpr const char* kFwdOp = "attention_fwd_sm80";
 constexpr const char* kBwdOp = "attention_bwd_sm80";
+constexpr const char* kVarlenFwdOp = "attention_varlen_fwd_sm80";
+constexpr const char* kVarlenBwdOp = "attention_varlen_bwd_sm80";
+// Dims of q, k, v: (B, H, S, D) padded, (T, H, D) varlen.
+constexpr int64_t kPaddedDims = 4;
+constexpr int64_t kVarlenDims = 3;
 
-// The row stride of a (B, H, S, D) operand (any value when S == 1: only row 0 is addressed).
-int64_t row_stride(const at::Tensor& t) { return t.size(2) > 1 ? t.stride(2) : t.size(3); }
+// The row stride of a (B, H, S, D) operand, or of a varlen (T, H, D) one (any value when there is one
+// row: only row 0 is addressed).
+int64_t row_stride(const at::Tensor& t) {
+  const int64_t row_dim = t.dim() == kPaddedDims ? 2 : 0;
+  return t.size(row_dim) > 1 ? t.stride(row_dim) : t.size(-1);
+}
 
 // The kernels can address t in place: every row starts on a 16-byte boundary (what cp.async and the
 // 16-byte stores need) and 256 rows span less than 2^31 elements (32-bit row offsets in a tile).
@@ -1151,11 +1201,14 @@ bool rows_ok(const at::Tensor& t) {
 // aligned; contiguous rows are D apart).
 at::Tensor readable(const at::Tensor& t) { return rows_ok(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
+// A varlen (T, H, D) operand's rows of a sequence start at its first token (the "batch index" of the
+// kernels), so its batch stride is its row stride.
 AttentionSm80Operand operand(const at::Tensor& t) {
-  return AttentionSm80Operand{t.data_ptr(), t.stride(0), t.stride(1), row_stride(t)};
+  const int64_t rs = row_stride(t);
+  return AttentionSm80Operand{t.data_ptr(), t.dim() == kPaddedDims ? t.stride(0) : rs, t.stride(1), rs};
 }
 
-// A (B, H, S, D) tensor like q: CUDA, q's device, dtype and shape, contiguous last dim.
+// A tensor like q: CUDA, q's device, dtype and shape, contiguous last dim.
 void check_like_q(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
@@ -1163,22 +1216,27 @@ void check_like_q(const char* op, const char* name, const at::Tensor& t, const a
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(), ", got ",
               t.scalar_type());
   check_shape(op, name, t, q.sizes());
-  TORCH_CHECK(t.stride(3) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t.strides());
+  TORCH_CHECK(t.stride(-1) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t.strides());
 }
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+// q, k, v with `dims` dims (kPaddedDims or kVarlenDims), and the scale.
+void check_qkv(const char* op, int64_t dims, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               double scale) {
+  const char* layout = dims == kPaddedDims ? "(B, H, S, D)" : "(T, H, D)";
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got one on ", q.device());
-  TORCH_CHECK(q.dim() == 4, op, ": q must be (B, H, S, D), got shape ", q.sizes());
+  TORCH_CHECK(q.dim() == dims, op, ": q must be ", layout, ", got shape ", q.sizes());
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (other dtypes are left to the Triton and reference backends), got ",
               q.scalar_type());
-  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, op, ": the head dim (last dim of q) must be 64 or 128, got ",
-              q.size(3));
-  TORCH_CHECK(q.stride(3) == 1, op, ": q must have a contiguous last dim, got strides ", q.strides());
+  TORCH_CHECK(q.size(-1) == 64 || q.size(-1) == 128, op, ": the head dim (last dim of q) must be 64 or 128, got ",
+              q.size(-1));
+  TORCH_CHECK(q.stride(-1) == 1, op, ": q must have a contiguous last dim, got strides ", q.strides());
   check_like_q(op, "k", k, q);
   check_like_q(op, "v", v, q);
-  TORCH_CHECK(q.size(0) <= INT_MAX && q.size(1) <= INT_MAX && q.size(2) <= INT_MAX, op,
-              ": B, H and S must each fit in 32 bits, got shape ", q.sizes());
+  for (int64_t d = 0; d + 1 < dims; ++d) {
+    TORCH_CHECK(q.size(d) <= INT_MAX, op, ": every dim of q ", layout, " but D must fit in 32 bits, got shape ",
+                q.sizes());
+  }
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be a positive finite number, got ", scale);
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
@@ -1186,8 +1244,10 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               major, ".x");
 }
 
-// The prefix lengths as a contiguous int32/int64 (B,) tensor on q's device, or an undefined tensor.
-at::Tensor check_prefix(const char* op, const std::optional<at::Tensor>& prefix_len, const at::Tensor& q) {
+// The prefix lengths as a contiguous int32/int64 (n,) tensor on q's device (n samples, called n_name
+// in messages), or an undefined tensor.
+at::Tensor check_prefix(const char* op, const std::optional<at::Tensor>& prefix_len, int64_t n, const char* n_name,
+                        const at::Tensor& q) {
   if (!prefix_len.has_value() || !prefix_len->defined()) return at::Tensor();
   const at::Tensor& t = *prefix_len;
   TORCH_CHECK(t.is_cuda(), op, ": prefix_len must be a CUDA tensor (it is read on the device), got one on ",
@@ -1195,11 +1255,43 @@ at::Tensor check_prefix(const char* op, const std::optional<at::Tensor>& prefix_
   check_same_device(op, "prefix_len", t, q);
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op,
               ": prefix_len must be int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == q.size(0), op, ": prefix_len must have shape (B,) = (", q.size(0),
-              ",), got ", t.sizes());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": prefix_len must have shape (", n_name, ",) = (", n, ",), got ",
+              t.sizes());
   return t.contiguous();
 }
 
+// cu_seqlens as a contiguous int32 (N + 1,) tensor on q's device (the kernels read cu_seqlens[b] by
+// element index), with max_seqlen checked. Its values are the caller's to check (the public op does).
+at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu_seqlens, int64_t max_seqlen, const at::Tensor& q) {
+  TORCH_CHECK(cu_seqlens.is_cuda(), op, ": cu_seqlens must be a CUDA tensor (it is read on the device), got one on ",
+              cu_seqlens.device());
+  check_same_device(op, "cu_seqlens", cu_seqlens, q);
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op, ": cu_seqlens must have shape (N + 1,), got ",
+              cu_seqlens.sizes());
+  TORCH_CHECK(cu_seqlens.size(0) - 1 <= INT_MAX, op, ": N (sequences) must fit in 32 bits, got ",
+              cu_seqlens.size(0) - 1);
+  TORCH_CHECK(max_seqlen >= 0 && max_seqlen <= INT_MAX, op, ": max_seqlen must be in [0, 2^31), got ", max_seqlen);
+  return cu_seqlens.contiguous();
+}
+
+// dout, out like q; lse float32 of shape lse_shape; dq, dk, dv like q (any strides with a unit last one).
+void check_bwd_args(const char* op, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                    at::IntArrayRef lse_shape, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                    const at::Tensor& q) {
+  check_like_q(op, "dout", dout, q);
+  check_like_q(op, "out", out, q);
+  check_like_q(op, "dq", dq, q);
+  check_like_q(op, "dk", dk, q);
+  check_like_q(op, "dv", dv, q);
+  TORCH_CHECK(lse.is_cuda(), op, ": lse must be a CUDA tensor, got one on ", lse.device());
+  check_same_device(op, "lse", lse, q);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  check_shape(op, "lse", lse, lse_shape);
+}
+
+// What both layouts share: operands q, k, v (already readable), prefix, mask, heads (dim 1 of both)
+// and scale.
 AttentionSm80Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& prefix, bool causal, double scale) {
   AttentionSm80Params p;
@@ -1209,10 +1301,33 @@ AttentionSm80Params base_params(const at::Tensor& q, const at::Tensor& k, const 
   p.prefix = prefix.defined() ? prefix.data_ptr() : nullptr;
   p.prefix_int64 = prefix.defined() && prefix.scalar_type() == at::kLong;
   p.causal = causal;
-  p.batch = static_cast<int>(q.size(0));
   p.heads = static_cast<int>(q.size(1));
-  p.seqlen = static_cast<int>(q.size(2));
   p.scale = static_cast<float>(scale);
+  return p;
+}
+
+// q, k, v (B, H, S, D); lse and delta (B, H, S).
+AttentionSm80Params padded_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& prefix, bool causal, double scale) {
+  AttentionSm80Params p = base_params(q, k, v, prefix, causal, scale);
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen = static_cast<int>(q.size(2));
+  p.stats_batch_stride = q.size(1) * q.size(2);
+  p.stats_head_stride = q.size(2);
+  return p;
+}
+
+// q, k, v (T, H, D) of the sequences cu_seqlens (N + 1,) delimits; lse and delta (H, T).
+AttentionSm80Params varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cu_seqlens, int64_t max_seqlen, const at::Tensor& prefix,
+                                  bool causal, double scale) {
+  AttentionSm80Params p = base_params(q, k, v, prefix, causal, scale);
+  p.batch = static_cast<int>(cu_seqlens.size(0) - 1);
+  p.seqlen = static_cast<int>(max_seqlen);
+  p.cu_seqlens = cu_seqlens.data_ptr<int>();
+  p.total_rows = static_cast<int>(q.size(0));
+  p.stats_batch_stride = 1;
+  p.stats_head_stride = q.size(0);
   return p;
 }
 
@@ -1226,13 +1341,47 @@ void poison_views(std::initializer_list<at::Tensor> views) {
   }
 }
 
+// The forward into out (a view of memory the kernels can address) and lse (contiguous float32).
+void run_forward(AttentionSm80Params p, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& q) {
+  p.out = operand(out);
+  p.lse = lse.data_ptr<float>();
+  attention_sm80_fwd_launch(p, static_cast<int>(q.size(-1)), q.scalar_type() == at::kBFloat16,
+                            at::cuda::getCurrentCUDAStream());
+}
+
+// The backward of both layouts: p holds q, k, v, the prefix and the shape. delta is allocated like lse;
+// gradient buffers the kernels cannot address in place (see rows_ok) are computed into contiguous ones
+// and copied.
+void run_backward(AttentionSm80Params p, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                  const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  poison_outputs({delta});
+  const at::Tensor dq_out = rows_ok(dq) ? dq : at::empty_like(dq, at::MemoryFormat::Contiguous);
+  const at::Tensor dk_out = rows_ok(dk) ? dk : at::empty_like(dk, at::MemoryFormat::Contiguous);
+  const at::Tensor dv_out = rows_ok(dv) ? dv : at::empty_like(dv, at::MemoryFormat::Contiguous);
+  const at::Tensor douta = readable(dout), outa = readable(out);
+  const at::Tensor lse_c = lse.contiguous();
+  p.out = operand(outa);
+  p.dout = operand(douta);
+  p.dq = operand(dq_out);
+  p.dk = operand(dk_out);
+  p.dv = operand(dv_out);
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  attention_sm80_bwd_launch(p, static_cast<int>(dq.size(-1)), dq.scalar_type() == at::kBFloat16,
+                            at::cuda::getCurrentCUDAStream());
+  if (!dq_out.is_same(dq)) dq.copy_(dq_out);
+  if (!dk_out.is_same(dk)) dk.copy_(dk_out);
+  if (!dv_out.is_same(dv)) dv.copy_(dv_out);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_sm80(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& prefix_len, bool causal,
                                                       double scale) {
-  check_qkv(kFwdOp, q, k, v, scale);
-  const at::Tensor prefix = check_prefix(kFwdOp, prefix_len, q);
+  check_qkv(kFwdOp, kPaddedDims, q, k, v, scale);
+  const at::Tensor prefix = check_prefix(kFwdOp, prefix_len, q.size(0), "B", q);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
   // (B, H, S, D) view of (B, S, H, D) memory, as the reference backend returns it.
@@ -1241,55 +1390,57 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm80(const at::Tensor& q, const
   if (out.numel() == 0) return {out, lse};
   poison_outputs({out, lse});  // out covers its whole allocation
   const at::Tensor qa = readable(q), ka = readable(k), va = readable(v);
-  AttentionSm80Params p = base_params(qa, ka, va, prefix, causal, scale);
-  p.out = operand(out);
-  p.lse = lse.data_ptr<float>();
-  attention_sm80_fwd_launch(p, static_cast<int>(D), q.scalar_type() == at::kBFloat16,
-                            at::cuda::getCurrentCUDAStream());
+  run_forward(padded_params(qa, ka, va, prefix, causal, scale), out, lse, q);
   return {out, lse};
 }
 
 void attention_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
                         bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  check_qkv(kBwdOp, q, k, v, scale);
-  check_like_q(kBwdOp, "dout", dout, q);
-  check_like_q(kBwdOp, "out", out, q);
-  check_like_q(kBwdOp, "dq", dq, q);
-  check_like_q(kBwdOp, "dk", dk, q);
-  check_like_q(kBwdOp, "dv", dv, q);
-  TORCH_CHECK(lse.is_cuda(), kBwdOp, ": lse must be a CUDA tensor, got one on ", lse.device());
-  check_same_device(kBwdOp, "lse", lse, q);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, kBwdOp, ": lse must be float32, got ", lse.scalar_type());
-  check_shape(kBwdOp, "lse", lse, {q.size(0), q.size(1), q.size(2)});
-  const at::Tensor prefix = check_prefix(kBwdOp, prefix_len, q);
+  check_qkv(kBwdOp, kPaddedDims, q, k, v, scale);
+  check_bwd_args(kBwdOp, dout, out, lse, {q.size(0), q.size(1), q.size(2)}, dq, dk, dv, q);
+  const at::Tensor prefix = check_prefix(kBwdOp, prefix_len, q.size(0), "B", q);
   const c10::cuda::CUDAGuard guard(q.device());
   if (q.numel() == 0) return;
-  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  at::Tensor delta = at::empty({B, H, S}, q.options().dtype(at::kFloat));
-  poison_outputs({delta});
   poison_views({dq, dk, dv});
-  // Gradient buffers the kernels cannot address in place (see rows_ok) are computed into contiguous
-  // ones and copied.
-  const at::Tensor dq_out = rows_ok(dq) ? dq : at::empty_like(q, at::MemoryFormat::Contiguous);
-  const at::Tensor dk_out = rows_ok(dk) ? dk : at::empty_like(k, at::MemoryFormat::Contiguous);
-  const at::Tensor dv_out = rows_ok(dv) ? dv : at::empty_like(v, at::MemoryFormat::Contiguous);
   const at::Tensor qa = readable(q), ka = readable(k), va = readable(v);
-  const at::Tensor douta = readable(dout), outa = readable(out);
-  const at::Tensor lse_c = lse.contiguous();
-  AttentionSm80Params p = base_params(qa, ka, va, prefix, causal, scale);
-  p.out = operand(outa);
-  p.dout = operand(douta);
-  p.dq = operand(dq_out);
-  p.dk = operand(dk_out);
-  p.dv = operand(dv_out);
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  attention_sm80_bwd_launch(p, static_cast<int>(D), q.scalar_type() == at::kBFloat16,
-                            at::cuda::getCurrentCUDAStream());
-  if (!dq_out.is_same(dq)) dq.copy_(dq_out);
-  if (!dk_out.is_same(dk)) dk.copy_(dk_out);
-  if (!dv_out.is_same(dv)) dv.copy_(dv_out);
+  run_backward(padded_params(qa, ka, va, prefix, causal, scale), dout, out, lse, dq, dk, dv);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm80(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                             int64_t max_seqlen,
+                                                             const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                             double scale) {
+  check_qkv(kVarlenFwdOp, kVarlenDims, q, k, v, scale);
+  const at::Tensor cu = check_cu_seqlens(kVarlenFwdOp, cu_seqlens, max_seqlen, q);
+  const at::Tensor prefix = check_prefix(kVarlenFwdOp, prefix_len, cu.size(0) - 1, "N", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  at::Tensor out = at::empty({T, H, D}, q.options());
+  at::Tensor lse = at::empty({H, T}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  poison_outputs({out, lse});
+  if (cu.size(0) == 1 || max_seqlen == 0) return {out, lse};  // no sequence, or none with a row: no tile
+  const at::Tensor qa = readable(q), ka = readable(k), va = readable(v);
+  run_forward(varlen_params(qa, ka, va, cu, max_seqlen, prefix, causal, scale), out, lse, q);
+  return {out, lse};
+}
+
+void attention_varlen_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
+                               int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  check_qkv(kVarlenBwdOp, kVarlenDims, q, k, v, scale);
+  check_bwd_args(kVarlenBwdOp, dout, out, lse, {q.size(1), q.size(0)}, dq, dk, dv, q);
+  const at::Tensor cu = check_cu_seqlens(kVarlenBwdOp, cu_seqlens, max_seqlen, q);
+  const at::Tensor prefix = check_prefix(kVarlenBwdOp, prefix_len, cu.size(0) - 1, "N", q);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (q.numel() == 0) return;
+  poison_views({dq, dk, dv});
+  if (cu.size(0) == 1 || max_seqlen == 0) return;
+  const at::Tensor qa = readable(q), ka = readable(k), va = readable(v);
+  run_backward(varlen_params(qa, ka, va, cu, max_seqlen, prefix, causal, scale), dout, out, lse, dq, dk, dv);
 }
 
 }  // namespace aimv2

@@ -12,7 +12,17 @@
 //     runs S = Q K^T (SS wgmma, Q and K from shared memory), masking, online softmax in base 2, and
 //     O += P V (RS wgmma: P from registers, V from shared memory as an MN-major operand).
 //     Intra-warpgroup pipelining: the Q K^T of key tile n is issued before the P V of tile n + 1, so
-//     the softmax of tile n runs while the tensor cores do the P V product.
+//     the softmax of tile n runs while the tensor cores do the P V product. O is rescaled by the
+//     softmax correction of tile n + 1 between issuing that Q K^T and that P V (so the rescale runs
+//     while Q K^T does), not after the P V completes: the same operations on O in the same order.
+//     Inter-warpgroup ping-pong: the two consumers take turns at issuing their GEMMs, so that one's
+//     GEMMs run while the other does its softmax. A turn is: the first Q K^T; then Q K^T of tile n +
+//     P V of tile n + 1 for each further tile; then the last P V (N + 1 turns over N key tiles, the
+//     same N for both: `key_blocks` depends on the CTA's query tile only). Named barriers
+//     kSchedulerBarrier + w (256 threads): warpgroup w waits on its own before issuing a turn's GEMMs
+//     and arrives on the other's right after issuing them; warpgroup 0 takes its first turn without
+//     waiting and warpgroup 1 does not arrive after its last, so each barrier sees as many waits as
+//     arrivals and the turns run 0, 1, 0, 1, ... (details and the deadlock argument at the loop).
 // Tile classification, computed the same way by the producer and the consumers (`key_blocks`): for
 // the query tile [m0, m0 + 128) and the visible prefix P (0 plain causal, S non-causal), key tiles
 // below max(m0 + 1, P) are visible to every query (no mask arithmetic), further tiles below
@@ -24,7 +34,9 @@
 //   D = 64 : Q 16 KiB + 3 stages x (K 16 KiB + V 16 KiB) = 112 KiB (+ barriers)
 //   D = 128: Q 32 KiB + 2 stages x (K 32 KiB + V 32 KiB) = 160 KiB (+ barriers)
 // The output tile is staged through the Q buffer (each consumer warpgroup reuses its own 64 rows
-// once its last Q K^T is done) and written with 16-byte stores, predicated on row < S.
+// once its last Q K^T is done) and written with 16-byte stores, predicated on row < S. (FA3 stores O
+// with stmatrix and a TMA store instead; that needs a TMA descriptor of `out` built on the host, which
+// the launcher does not make.)
 //
 // Backward: see the section "backward" below.
 //
@@ -64,13 +76,17 @@ namespace hopper_attention {
 // Per query row of (B, H, S) (varlen: of each sample's rows of (T, H, D)): delta = rowsum(dO * O) and
 // lse * log2(e), into fp32 buffers of (B * H, s_pad) rows; rows [S, s_pad) get delta 0 and lse +inf, so that a padded query (a zero row
 // of Q and dO) has P = exp2(s - inf) = 0 exactly in the backward's products. One warp per row.
+// The 5-GEMM design also passes its float32 dQ accumulator, (B, H, S, D) contiguous (varlen: (H, T, D),
+// the sample's row i at start + i, as lse): each lane zeroes its D / 32 values of the row, so the
+// backward needs no memset launch. Only rows < S are zeroed: the only ones the atomics add to and
+// the conversion reads.
 template <class Element, int kHeadDim>
 __global__ void __launch_bounds__(256) attention_bwd_rowstats_kernel(
     const Element* __restrict__ out, int64_t o_sb, int64_t o_sh, int64_t o_ss,      // (B, H, S, D)
     const Element* __restrict__ dout, int64_t d_sb, int64_t d_sh, int64_t d_ss,     // (B, H, S, D)
     const float* __restrict__ lse, int64_t l_sb, int64_t l_sh, int64_t l_ss,        // (B, H, S)
     float* __restrict__ lse2, float* __restrict__ delta, int seqlen, int s_pad, int heads,
-    const int* __restrict__ cu_seqlens) {
+    const int* __restrict__ cu_seqlens, float* __restrict__ dq_accum, int total_rows) {
   constexpr int kPerLane = kHeadDim / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int row = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
@@ -100,6 +116,35 @@ __global__ void __launch_bounds__(256) attention_bwd_rowstats_kernel(
     delta[stat] = acc;
     lse2[stat] = lse[b * l_sb + head * l_sh + r * l_ss] * 1.4426950408889634f;
   }
+  if (dq_accum != nullptr) {
+    const float zeros[kPerLane] = {};
+    store_floats<kPerLane>(dq_accum + ((b * heads + head) * total_rows + r) * kHeadDim + lane * kPerLane, zeros);
+  }
+}
+
+// The 5-GEMM design's last step: dq = scale * dq_accum in dq's dtype and strides, rows < S of each
+// (sample, head) (varlen: the sample's row i is row start + i of the (1, H, T, D) view, as in the
+// row statistics). dq_accum is the (B, H, S, D) (varlen (H, T, D)) float32 sum of the dK/dV kernel's
+// atomics. One thread per 8 values (a 16-byte store of dq); blocks of 256 threads cover 256 / (D / 8)
+// rows.
+template <class Element, int kHeadDim>
+__global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(
+    const float* __restrict__ dq_accum, Element* __restrict__ dq, int64_t q_sb, int64_t q_sh, int64_t q_ss,
+    float scale, int seqlen, int heads, int total_rows, const int* __restrict__ cu_seqlens) {
+  constexpr int kChunks = kHeadDim / 8;  // threads per row
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / kChunks;
+  const int col = (threadIdx.x % kChunks) * 8;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int start = cu_seqlens == nullptr ? 0 : cu_seqlens[batch];
+  if (cu_seqlens != nullptr) seqlen = cu_seqlens[batch + 1] - start;
+  if (row >= seqlen) return;
+  const int64_t b = cu_seqlens == nullptr ? batch : 0;
+  const int64_t r = start + row;
+  float v[8];
+  load_floats<8>(dq_accum + ((b * heads + head) * total_rows + r) * kHeadDim + col, v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] *= scale;
+  store_floats<8>(dq + b * q_sb + head * q_sh + r * q_ss + col, v);
 }
 
 }  // namespace hopper_attention
@@ -195,6 +240,17 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Synchronize the 128 threads of one warpgroup on named barrier `id` (0 is __syncthreads').
 __device__ __forceinline__ void warpgroup_sync(int id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kWarpgroup) : "memory");
+}
+
+// Named barrier `id` over the 256 threads of two warpgroups (the forward's ping-pong): `consumers_sync`
+// waits until 256 threads have reached it (its own 128 and the other warpgroup's 128 arrivals),
+// `consumers_arrive` counts this warpgroup's 128 threads and goes on without waiting. Warp-uniform.
+__device__ __forceinline__ void consumers_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroup) : "memory");
+}
+
+__device__ __forceinline__ void consumers_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(2 * kWarpgroup) : "memory");
 }
 
 // ---- the mask ---------------------------------------------------------------------------------------
@@ -296,6 +352,12 @@ struct FwdTraits {
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static_assert(kProducerRegs * kWarpgroup + kConsumerRegs * kWarpgroup * kConsumerWarpgroups <= 65536);
+  // Ping-pong between the consumers: consumer warpgroup w waits on named barrier kSchedulerBarrier + w
+  // for its turn to issue GEMMs and arrives on kSchedulerBarrier + 1 - w once it has issued them
+  // (ids 3 and 4, 256 threads each; 0 is __syncthreads', 1 and 2 the epilogue's warpgroup_sync(1 + w);
+  // the K / V pipelines use mbarriers only). The protocol is written for exactly two consumers.
+  static constexpr int kSchedulerBarrier = 3;
+  static_assert(kConsumerWarpgroups == 2, "the ping-pong schedule alternates two consumer warpgroups");
 
   using D = Int<kHeadDim>;
   using BM = Int<kBlockM>;
@@ -492,50 +554,105 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   };
 
+  // Multiplies O by the correction of the latest softmax step (O then relative to the new row max).
+  auto rescale_o = [&](float const (&correction)[kRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(oRC); ++c) oRC(r, c) *= correction[r];
+    }
+  };
+
+  // Ping-pong schedule. The GEMMs of this warpgroup are issued in N + 1 turns over the N = blocks.end
+  // key tiles, visited as t = 0 .. N - 1: turn 0 the Q K^T of tile 0, turn t (1 .. N - 1) the Q K^T of
+  // tile t and the P V of tile t - 1, turn N the P V of tile N - 1. Both consumer warpgroups have the
+  // same N (`blocks` depends on the CTA's query tile, not on the warpgroup), so both run N + 1 turns;
+  // the barrier counts below rely on that.
+  //   my_turn    (kSchedulerBarrier + cwg):     waited on (bar.sync, 256) before a turn's GEMMs;
+  //   other_turn (kSchedulerBarrier + 1 - cwg): arrived on (bar.arrive, 256) right after issuing them,
+  //   before waiting for their results, so the other warpgroup issues its GEMMs as soon as ours are
+  //   queued, and our softmax overlaps its GEMMs (and the other way round).
+  // Warpgroup 0 (its barrier A = id 3) takes turn 0 without waiting; warpgroup 1 (B = id 4) does not
+  // arrive after turn N. So A sees N waits (warpgroup 0, turns 1 .. N) and N arrivals (warpgroup 1,
+  // after turns 0 .. N - 1), B sees N + 1 waits (warpgroup 1, turns 0 .. N) and N + 1 arrivals
+  // (warpgroup 0, after turns 0 .. N): each bar.sync is completed by one bar.arrive of the other
+  // warpgroup and no arrival is left pending at exit. Warpgroup 1's wait for turn k is completed by
+  // warpgroup 0's arrival after its turn k, warpgroup 0's wait for turn k by warpgroup 1's arrival after
+  // its turn k - 1, so turns are issued in the order 0:0, 1:0, 0:1, 1:1, ..., 0:N, 1:N, and neither
+  // warpgroup can arrive on a barrier again before the other has waited on it (no phase of a barrier
+  // gets its 256 arrivals from one warpgroup alone).
+  // No deadlock: (i) both warpgroups cannot be stuck at their bar.sync together: warpgroup 1 waiting at
+  // turn b means warpgroup 0 has not issued turn b (it is at a turn a <= b), warpgroup 0 waiting at turn
+  // a means warpgroup 1 has not issued turn a - 1 (b <= a - 1). (ii) The only other waits are on the
+  // warpgroup's own wgmma (always retire) and on the K / V tiles of a turn (K of tile t, V of tile t - 1
+  // for turn t), done before the turn's bar.sync so that a warpgroup waiting for data does not hold its
+  // turn. The producer loads K_0, V_0, K_1, V_1, ... in order, and loading K_t or V_{t-1} only needs
+  // stages released in turns <= t - 1 (a K stage is released in the turn that reads it, a V stage in
+  // the next one; kStages >= 1 suffices). A warpgroup waiting for turn t's data has finished turn t - 1;
+  // the other has issued turn t - 2 (or t - 1) and finishes turn t - 1 without anything from the
+  // waiting one (its data needs releases of turns <= t - 2, its turn the arrival already made), so the
+  // data arrives.
+  const int my_turn = Traits::kSchedulerBarrier + cwg;
+  const int other_turn = Traits::kSchedulerBarrier + 1 - cwg;
+
   TransactionBarrier::wait(&ss.bar_q, 0);
   PipelineState read_k, read_v;  // both start at stage 0, phase 0
 
-  // The first (highest) key tile: S = Q K^T, softmax.
+  // Turn 0, the first (highest) key tile: S = Q K^T, softmax.
   int n = blocks.end - 1;
   pipe_k.consumer_wait(read_k);
-  wg_gemm<0>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS, true);
+  if (cwg == 1) consumers_sync(my_turn);  // warpgroup 0 goes first
+  wg_gemm<-1>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS, true);
+  consumers_arrive(other_turn);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tSrS);
   pipe_k.consumer_release(read_k);
   ++read_k;
   if (n >= blocks.full) apply_mask(n * kBlockN);
   float correction[kRows];
-  softmax_step(true, correction);
+  softmax_step(true, correction);  // correction = 1
   Tensor rP = convert_frag<Element>(tSrS);
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));
   clear(tOrO);
 
-  // Steady state: issue S_n = Q K_n^T and O += P_{n+1} V_{n+1}; softmax of S_n while P V runs.
+  // Turns 1 .. N - 1: issue S_n = Q K_n^T and O = O * correction_{n+1} + P_{n+1} V_{n+1}; softmax of
+  // S_n while P V runs (and while the other warpgroup's turn runs). O's rescale sits between the two
+  // products: it needs the previous P V retired (the previous iteration's wait<0>) and must precede
+  // the P V that accumulates into O, and there it overlaps the Q K^T. O goes through the same
+  // operations in the same order as when it was rescaled after each P V (the first rescale multiplies
+  // O = 0 by 1), so the result is unchanged.
   for (--n; n >= 0; --n) {
     pipe_k.consumer_wait(read_k);
-    wg_gemm<-1>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS, true);
     pipe_v.consumer_wait(read_v);
+    consumers_sync(my_turn);
+    wg_gemm<-1>(mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), tSrS, true);
+    warpgroup_fence_operand(tOrO);  // keeps the rescale after the Q K^T issue
+    rescale_o(correction);
     wg_gemm<-1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO, false);
+    consumers_arrive(other_turn);
     warpgroup_wait<1>();  // Q K^T done
     warpgroup_fence_operand(tSrS);
     pipe_k.consumer_release(read_k);
     ++read_k;
     if (n >= blocks.full) apply_mask(n * kBlockN);
     softmax_step(false, correction);
-    warpgroup_wait<0>();  // P V done
+    warpgroup_wait<0>();  // P V done: its P registers may be overwritten, O read
     warpgroup_fence_operand(tOrO);
     pipe_v.consumer_release(read_v);
     ++read_v;
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(oRC); ++c) oRC(r, c) *= correction[r];
-    }
     Tensor rPn = convert_frag<Element>(tSrS);
     CUTE_UNROLL
     for (int i = 0; i < size(rP); ++i) rP(i) = rPn(i);
   }
-  // The last P V.
+  // Turn N, the last P V (O rescaled before the turn: no Q K^T left to overlap with). Warpgroup 1 has
+  // no later turn to hand over to; warpgroup 0's arrival completes warpgroup 1's wait for turn N.
+  rescale_o(correction);
   pipe_v.consumer_wait(read_v);
-  wg_gemm<0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO, false);
+  consumers_sync(my_turn);
+  wg_gemm<-1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO, false);
+  if (cwg == 0) consumers_arrive(other_turn);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
   pipe_v.consumer_release(read_v);
 
   // ---- epilogue: O / rowsum, lse = max * scale + log(rowsum) (natural log) ----
@@ -573,7 +690,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
 // ---- backward -------------------------------------------------------------------------------------
 //
-// Deterministic (no atomics), in three launches on the stream:
+// Two designs, three launches each on the stream; `deterministic` (the ops' last argument) picks one.
+//
+// Deterministic (no atomics; 7 GEMMs per (query tile, key tile) pair: S and dP are computed twice):
 //   1. hopper_attention::attention_bwd_rowstats_kernel: delta = rowsum(dO * O) and lse * log2(e) per
 //      query row, padded per (sample, head) to a multiple of 128 rows (pad: delta 0, lse +inf).
 //   2. attention_bwd_dq_sm90_kernel: one CTA per query tile of 128 rows (2 consumer warpgroups x 64
@@ -583,15 +702,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 //        tiles), dS = P (dP - delta), dQ += dS K (RS wgmma, K read as the MN-major operand).
 //      Q and dO come once by TMA; K and V through two kStages rings (V is released after dP, K after
 //      the dQ product). P is computed while the dP product runs.
-//   3. attention_bwd_dkdv_sm90_kernel: one CTA per key tile of 128 keys (2 consumer warpgroups x 64
-//      keys), over the query tiles of 64 that see it (`query_blocks`: queries below the tile see none
-//      of it unless it lies in the prefix; tiles from the first query that sees all of it on need no
-//      mask):
+//   3. attention_bwd_dkdv_sm90_kernel<BwdDkvTraits<..., false>>: one CTA per key tile of 128 keys (2
+//      consumer warpgroups x 64 keys), over the query tiles of 64 that see it (`query_blocks`: queries
+//      below the tile see none of it unless it lies in the prefix; tiles from the first query that
+//      sees all of it on need no mask):
 //        S^T = K Q^T, dP^T = V dO^T (SS), P^T, dS^T as above, dV += P^T dO, dK += dS^T Q (RS, dO and
 //        Q read as MN-major operands); dK *= scale at the end.
 //      K and V come once by TMA; Q, dO (TMA) and the 64 lse2 and delta values of the tile (bulk
 //      copies) through one kStages ring whose stages are released once dV and dK of the tile are done.
 //      P^T is computed while the dP^T product runs, dS^T while the dV product runs.
+//
+// 5-GEMM (FlashAttention-2/3's; the default unless deterministic algorithms are asked for): dQ is
+// summed with float32 atomics, whose order varies, so dQ may differ in its last bits from run to run
+// (dK and dV do not).
+//   1. the row statistics, which also zero a float32 dQ accumulator laid out like lse with D values
+//      per row: (B, H, S, D), varlen (H, T, D) (no memset launch);
+//   2. attention_bwd_dkdv_sm90_kernel<BwdDkvTraits<..., true>>: as above, and per query tile each
+//      consumer warpgroup stores its dS^T (64 keys x 64 queries, 16-bit) into its own 8 KiB shared
+//      buffer, then computes dQ_w (64 queries x D) = dS (64 queries x its 64 keys) K_w (its 64 K rows)
+//      with an SS wgmma (dS read MN-major from the stored dS^T, K_w as (D, keys) MN-major), in
+//      products of 64 columns of D, and adds each into the accumulator with float32 atomics
+//      (RED.F32x2: two adjacent columns per instruction; queries past S skipped). Each warpgroup adds
+//      its own 64-key share (2 x 64 x D atomics per query tile and CTA); dK += dS^T Q reads dS^T from
+//      the same buffer (SS), so no dS registers are held while dK and dQ run, and runs during the
+//      first chunk's atomics. Buffer protocol, per warpgroup w on named barrier 3 + w (128 threads):
+//      bar.sync (every warp has retired the previous tile's dQ and dK products, which read the
+//      buffer), store dS^T, fence.proxy.async (the stores visible to wgmma's async proxy), bar.sync
+//      (every thread's stores fenced), issue the products; they retire within the iteration. One more
+//      bar.sync before the epilogue overwrites K_w with dK, since the last dQ product read it.
+//   3. hopper_attention::attention_bwd_dq_convert_kernel: dq = scale * accumulator in dq's dtype and
+//      strides, rows < S (varlen: the sample's rows from its start).
 // Each iteration retires its own dQ / dK products (a wgmma left in flight across the loop's back
 // edge makes ptxas serialize every wgmma of the kernel, C7515).
 // Both GMMA kernels: producer warpgroup at 24 registers issuing TMA from one thread, consumer
@@ -603,6 +743,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 //        D = 128: Q 32 + dO 32 + 2 stages x (K 16 + V 16) = 128 KiB; key tiles of 64
 //   dKdV D = 64 : K 16 + V 16 + 3 stages x (Q 8 + dO 8 + 0.5) = 81.5 KiB;  query tiles of 64
 //        D = 128: K 32 + V 32 + 3 stages x (Q 16 + dO 16 + 0.5) = 161.5 KiB; query tiles of 64
+//        5-GEMM: + dS^T 2 warpgroups x 8 = 16 KiB: 97.5 / 177.5 KiB
 
 template <class Element_, int kHeadDim_>
 struct BwdDqTraits {
@@ -837,10 +978,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif
 }
 
-template <class Element_, int kHeadDim_>
+// kAtomicDq_: the 5-GEMM design, which also computes dQ (see the section's comment); false: dK and dV
+// only, dQ by attention_bwd_dq_sm90_kernel.
+template <class Element_, int kHeadDim_, bool kAtomicDq_>
 struct BwdDkvTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kAtomicDq = kAtomicDq_;
   static constexpr int kBlockN = 128;  // keys: 2 consumer warpgroups x 64
   static constexpr int kBlockM = 64;   // queries per step
   static constexpr int kStages = 3;
@@ -848,18 +992,40 @@ struct BwdDkvTraits {
   static constexpr int kThreads = kWarpgroup * (kConsumerWarpgroups + 1);
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  // Named barrier of consumer warpgroup w around its dS buffer: kDsBarrier + w (ids 3 and 4; 0 is
+  // __syncthreads', 1 and 2 the epilogues' warpgroup_sync(1 + w)).
+  static constexpr int kDsBarrier = 3;
 
   using D = Int<kHeadDim>;
   using BM = Int<kBlockM>;
   using BN = Int<kBlockN>;
+  using WG = Int<kConsumerWarpgroups>;
   // Per warpgroup: S^T, dP^T (64 keys x BM queries); dV, dK (64 keys x D).
   using MmaSdP = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, BM, D>>()));
   using MmaDkv = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, Shape<_64, D, BM>, GMMA::Major::K, GMMA::Major::MN>()));
+  // Per warpgroup, 5-GEMM design: dQ (BM queries x D) = dS (BM x its 64 keys) K_w (64 keys x D), both
+  // operands in shared memory as MN-major operands, in products of 64 columns of D each (a 64 x 128
+  // fp32 accumulator in flight beside dK's would not fit the registers: ptxas serialized the wgmmas).
+  static constexpr int kDqChunks = kHeadDim / 64;
+  using MmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<BM, _64, _64>, GMMA::Major::MN, GMMA::Major::MN>()));
+  // The 5-GEMM design's dK += dS^T Q reads dS^T from the same buffer (SS, K-major A) rather than
+  // registers, so that no dS^T registers are held while dK and dQ are in flight.
+  using MmaDkSS = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, D, BM>, GMMA::Major::K, GMMA::Major::MN>()));
   using SmemLayoutKV = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BN, D>{}));
   using SmemLayoutQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{}, Shape<BM, D, Int<kStages>>{}));
   using SmemLayoutQt =
       decltype(composition(SmemLayoutQ{}, make_ordered_layout(Shape<D, BM, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  // K read as (D, BN keys), D contiguous: the B operand of dS K.
+  using SmemLayoutKt = decltype(composition(SmemLayoutKV{}, make_ordered_layout(Shape<D, BN>{}, Step<_2, _1>{})));
+  // dS of each consumer warpgroup, (BM queries, 64 keys, warpgroup) with the queries contiguous (the
+  // MN-major A operand of dS K), and the same memory as dS^T (64 keys, BM queries, warpgroup): the
+  // view the threads store their dS^T accumulator values through.
+  using SmemLayoutdS = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<Element>{}, Shape<BM, _64, WG>{}));
+  using SmemLayoutdSt =
+      decltype(composition(SmemLayoutdS{}, make_ordered_layout(Shape<_64, BM, WG>{}, Step<_2, _1, _3>{})));
   using GmemTensor = typename FwdTraits<Element, kHeadDim>::GmemTensor;
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{}, Shape<BN, D>{}, _1{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), Shape<BM, D>{}, _1{}));
@@ -867,7 +1033,12 @@ struct BwdDkvTraits {
   static constexpr uint32_t kStageBytes = 2 * kBlockM * kHeadDim * sizeof(Element) + 2 * kBlockM * sizeof(float);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Element);
 
-  struct SharedStorage {
+  // The dS buffers exist only in the 5-GEMM design (an empty base class takes no space).
+  struct NoDsBuffer {};
+  struct DsBuffer {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
+  };
+  struct SharedStorage : std::conditional_t<kAtomicDq, DsBuffer, NoDsBuffer> {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutKV>, 1024> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
@@ -897,6 +1068,7 @@ struct BwdDkvTraits {
     float scale_log2, scale;
     const int* cu_seqlens;  // varlen: (N + 1,) row offsets; null: padded (B, H, S, D)
     int total_rows;         // rows of the TMA view: S, or T when varlen
+    float* dq_accum;        // 5-GEMM design: (B, H, S, D) float32, varlen (H, T, D), zeroed; else null
   };
 };
 
@@ -1015,6 +1187,33 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kRows = decltype(size<0>(sRC))::value;
   static_assert(kRows == 2);
 
+  // 5-GEMM design: dQ (BM queries x D) = dS K_w, dS from this warpgroup's buffer (written as dS^T from
+  // the dP^T accumulator's registers), K_w its own 64 K rows read as (D, 64 keys). Unused, and
+  // compiled out, in the deterministic design, which has no dS buffer.
+  Element* ds_smem = nullptr;
+  if constexpr (Traits::kAtomicDq) ds_smem = ss.ds.data();
+  typename Traits::MmaDq mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor sdS = make_tensor(make_smem_ptr(ds_smem), typename Traits::SmemLayoutdS{});    // (BM, 64, warpgroups)
+  Tensor sdSt = make_tensor(make_smem_ptr(ds_smem), typename Traits::SmemLayoutdSt{});  // (64, BM, warpgroups)
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});  // (D, BN)
+  Tensor sKtw = local_tile(sKt, Shape<_64, _64>{}, make_coord(_, cwg));  // (64 of D, 64 keys, chunks)
+  Tensor tdSsdS = thr_sdp.partition_C(sdSt)(_, _, _, cwg);                    // this thread's dS^T slots
+  Tensor tdQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))(_, _, _, cwg);  // descriptors
+  Tensor tdQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKtw));               // (..., chunks)
+  Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, _64>{});      // one chunk, fp32
+  typename Traits::MmaDkSS mma_dk_ss;
+  auto thr_dk_ss = mma_dk_ss.get_thread_slice(tid);
+  Tensor tdKsdS = thr_dk_ss.make_fragment_A(thr_dk_ss.partition_A(sdSt))(_, _, _, cwg);  // descriptors
+  Tensor tdKsQ = thr_dk_ss.make_fragment_B(thr_dk_ss.partition_B(sQt));
+  Tensor cdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, _64>{}));
+  Tensor cdqRC = make_tensor(cdQ.data(), rowcol_layout(cdQ.layout()));
+  Tensor dqRC = make_tensor(tdQrdQ.data(), rowcol_layout(tdQrdQ.layout()));
+  static_assert(decltype(size<0>(dqRC))::value == kRows);
+  // Offset in dq_accum of this sample's query 0 for this head ((B, H, S, D), varlen (H, T, D)).
+  const int64_t dq_row0 =
+      ((static_cast<int64_t>(rows.tma_batch) * p.heads + head) * p.total_rows + rows.start) * kHeadDim;
+
   const float scale_log2 = p.scale_log2;
   int key[kRows];
   CUTE_UNROLL
@@ -1065,15 +1264,60 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       CUTE_UNROLL
       for (int i = 0; i < size(rdS); ++i) rdS(i) = dst(i);
     }
-    // Retired within the iteration (see the dQ kernel); then the stage goes back to the producer.
-    wg_gemm<0>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), tdKrdK, false);
+    if constexpr (Traits::kAtomicDq) {
+      // dS^T into this warpgroup's buffer. The first barrier: every warp has retired the previous
+      // tile's dQ and dK products, which read the whole buffer (wgmma.wait_group is per warp, and
+      // each warp's rows of those products read values that all four warps stored). The fence makes
+      // this thread's stores visible to the async proxy that wgmma reads shared memory through; the
+      // second barrier: all 128 threads' stores are fenced before any warp issues a product.
+      warpgroup_sync(Traits::kDsBarrier + cwg);
+      copy(rdS, tdSsdS);
+      cutlass::arch::fence_view_async_shared();
+      warpgroup_sync(Traits::kDsBarrier + cwg);
+      // dV retires first: with it, P^T and the products below in flight at once, the registers they
+      // hold would not fit (ptxas would serialize every wgmma, C7512).
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdVrdV);
+      // Per 64 columns of D: dQ_j = dS K_w[:, j], retired before its atomics; dK += dS^T Q is issued
+      // after the first chunk's product and runs during its atomics.
+      CUTE_UNROLL
+      for (int j = 0; j < Traits::kDqChunks; ++j) {
+        wg_gemm<-1>(mma_dq, tdQrdS, tdQrK(_, _, _, j), tdQrdQ, true);
+        if (j == 0) {
+          wg_gemm<1>(mma_dk_ss, tdKsdS, tdKsQ(_, _, _, stage), tdKrdK, false);
+        } else {
+          warpgroup_wait<0>();
+        }
+        warpgroup_fence_operand(tdQrdQ);
+        // dq_accum[query] += this warpgroup's 64-key share, two adjacent columns per atomic (one
+        // RED.F32x2); queries past the sample's end are skipped (their rows belong to no query).
+        CUTE_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+          const int query = m * kBlockM + get<0>(cdqRC(r, 0));
+          if (query < seqlen) {
+            float* row = p.dq_accum + dq_row0 + static_cast<int64_t>(query) * kHeadDim + 64 * j;
+            CUTE_UNROLL
+            for (int c = 0; c < size<1>(dqRC); c += 2) {
+              atomicAdd(reinterpret_cast<float2*>(row + get<1>(cdqRC(r, c))), make_float2(dqRC(r, c), dqRC(r, c + 1)));
+            }
+          }
+        }
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(tdKrdK);
+    } else {
+      wg_gemm<0>(mma_dkv, tdKrdS, tdKrQ(_, _, _, stage), tdKrdK, false);
+    }
+    // Every product of the tile has retired (see the dQ kernel); the stage goes back to the producer.
     warpgroup_fence_operand(tdVrdV);
     pipe.consumer_release(read);
     ++read;
   }
 
   // dV through this warpgroup's V rows, dK (times scale) through its K rows: both last read by the
-  // S^T and dP^T products, which are done.
+  // S^T and dP^T products, which are done, and in the 5-GEMM design K_w by the last dQ product: the
+  // barrier makes sure every warp has retired it before any overwrites K_w.
+  if constexpr (Traits::kAtomicDq) warpgroup_sync(Traits::kDsBarrier + cwg);
   CUTE_UNROLL
   for (int i = 0; i < size(tdKrdK); ++i) tdKrdK(i) *= p.scale;
   {
@@ -1362,17 +1606,24 @@ void check_bwd_inputs(const char* op, const at::Tensor& dout, const at::Tensor& 
 template <class Element, int kHeadDim>
 void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& out, const at::Tensor& lse, const AttentionArgs& a, bool causal, double scale,
-                const GradOut& dq, const GradOut& dk, const GradOut& dv, cudaStream_t stream) {
+                const GradOut& dq, const GradOut& dk, const GradOut& dv, bool deterministic, cudaStream_t stream) {
   const char* op = "cuda_attention_bwd_sm90";
   using DqT = BwdDqTraits<Element, kHeadDim>;
-  using DkvT = BwdDkvTraits<Element, kHeadDim>;
   using D = Int<kHeadDim>;
 
-  // Row statistics, padded per (sample, head) to whole 128-row tiles.
+  // Row statistics, padded per (sample, head) to whole 128-row tiles; the 5-GEMM design's float32 dQ
+  // accumulator, laid out like lse with D values per row ((B, H, S, D), varlen (H, T, D)), zeroed by
+  // the same launch.
   const int s_pad = (a.S + 127) / 128 * 128;
   at::Tensor lse2 = at::empty({static_cast<int64_t>(a.B) * a.H * s_pad}, q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty_like(lse2);
-  poison_outputs({lse2, delta});
+  const int64_t tma_batches = a.cu_seqlens == nullptr ? a.B : 1;
+  at::Tensor dq_accum;
+  if (!deterministic) {
+    dq_accum = at::empty({tma_batches * a.H * a.total_rows * kHeadDim}, q.options().dtype(at::kFloat));
+  }
+  float* dq_accum_ptr = deterministic ? nullptr : dq_accum.data_ptr<float>();
+  poison_outputs({lse2, delta, dq_accum});
   {
     constexpr int kRowsPerBlock = 8;
     const dim3 grid(s_pad / kRowsPerBlock, a.H, a.B);
@@ -1380,11 +1631,11 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         static_cast<const Element*>(out.data_ptr()), out.stride(0), out.stride(1), out.stride(2),
         static_cast<const Element*>(dout.data_ptr()), dout.stride(0), dout.stride(1), dout.stride(2),
         lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2), lse2.data_ptr<float>(),
-        delta.data_ptr<float>(), a.S, s_pad, a.H, a.cu_seqlens);
+        delta.data_ptr<float>(), a.S, s_pad, a.H, a.cu_seqlens, dq_accum_ptr, a.total_rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const float scale_log2 = static_cast<float>(scale * kLog2e);
-  {
+  if (deterministic) {
     using BM = Int<DqT::kBlockM>;
     using BN = Int<DqT::kBlockN>;
     const auto kv_stage = take<0, 2>(typename DqT::SmemLayoutK{});
@@ -1415,7 +1666,9 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
     kernel<<<grid, DqT::kThreads, DqT::kSmemBytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  {
+  // dK and dV, and in the 5-GEMM design dQ's sum in dq_accum (kAtomic: std::bool_constant).
+  const auto launch_dkdv = [&](auto kAtomic) {
+    using DkvT = BwdDkvTraits<Element, kHeadDim, decltype(kAtomic)::value>;
     using BM = Int<DkvT::kBlockM>;
     using BN = Int<DkvT::kBlockN>;
     const auto q_stage = take<0, 2>(typename DkvT::SmemLayoutQ{});
@@ -1440,11 +1693,26 @@ void launch_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         static_cast<float>(scale),
         a.cu_seqlens,
         a.total_rows,
+        dq_accum_ptr,
     };
     auto kernel = attention_bwd_dkdv_sm90_kernel<DkvT>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DkvT::kSmemBytes));
     const dim3 grid((a.S + DkvT::kBlockN - 1) / DkvT::kBlockN, a.H, a.B);
     kernel<<<grid, DkvT::kThreads, DkvT::kSmemBytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (deterministic) {
+    launch_dkdv(std::false_type{});
+    return;
+  }
+  launch_dkdv(std::true_type{});
+  {
+    constexpr int kThreads = 256;
+    constexpr int kRowsPerBlock = kThreads / (kHeadDim / 8);
+    const dim3 grid((a.S + kRowsPerBlock - 1) / kRowsPerBlock, a.H, a.B);
+    hopper_attention::attention_bwd_dq_convert_kernel<Element, kHeadDim><<<grid, kThreads, 0, stream>>>(
+        dq_accum_ptr, static_cast<Element*>(dq.data), dq.sb, dq.sh, dq.ss, static_cast<float>(scale), a.S, a.H,
+        a.total_rows, a.cu_seqlens);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -1504,7 +1772,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90(const at::Tensor& q, const
 
 void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
-                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                        bool deterministic) {
   const char* op = "cuda_attention_bwd_sm90";
   const sm90::AttentionArgs a = sm90::check_attention_inputs(op, q, k, v, prefix_len);
   const sm90::GradOut gdq = sm90::grad_out(op, "dq", dq, q);
@@ -1516,7 +1785,7 @@ void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::T
   sm90::check_sm90_device(op, q);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   sm90::dispatch_sm90<sm90::FwdTraits, sm90::BwdLaunch>(q, a.D, dout, q, k, v, out, lse, a, causal, scale, gdq, gdk,
-                                                         gdv, stream);
+                                                         gdv, deterministic, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm90(const at::Tensor& q, const at::Tensor& k,
@@ -1541,7 +1810,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm90(const at::Tensor& q
 void attention_varlen_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
                                int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
-                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                               bool deterministic) {
   const char* op = "cuda_attention_varlen_bwd_sm90";
   const sm90::AttentionArgs a = sm90::check_varlen_inputs(op, q, k, v, cu_seqlens, max_seqlen, prefix_len);
   // Everything below in the (1, H, T, D) batch view; lse (H, T) as (1, H, T).
@@ -1562,7 +1832,7 @@ void attention_varlen_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, cons
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   sm90::dispatch_sm90<sm90::FwdTraits, sm90::BwdLaunch>(q, a.D, dout1, q1, sm90::as_one_batch(k),
                                                          sm90::as_one_batch(v), out1, lse1, a, causal, scale, gdq,
-                                                         gdk, gdv, stream);
+                                                         gdk, gdv, deterministic, stream);
 }
 
 }  // namespace aimv2

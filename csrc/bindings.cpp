@@ -29,17 +29,23 @@ TORCH_LIBRARY_FRAGMENT(aimv2_kernels, m) {
   m.def("cuda_attention_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor? prefix_len, bool causal, float scale) "
         "-> (Tensor, Tensor)");
   m.def("cuda_attention_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+        "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, "
+        "bool deterministic=True) -> ()");
   m.def("cuda_attention_varlen_fwd_sm90(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
         "Tensor? prefix_len, bool causal, float scale) -> (Tensor, Tensor)");
   m.def("cuda_attention_varlen_bwd_sm90(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor cu_seqlens, int max_seqlen, Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, "
-        "Tensor(b!) dk, Tensor(c!) dv) -> ()");
+        "Tensor(b!) dk, Tensor(c!) dv, bool deterministic=True) -> ()");
   // sm_80 attention (csrc/attention_sm80.cu): mma.sync tiles, runs on sm_80 and newer.
   m.def("cuda_attention_fwd_sm80(Tensor q, Tensor k, Tensor v, Tensor? prefix_len, bool causal, float scale) "
         "-> (Tensor, Tensor)");
   m.def("cuda_attention_bwd_sm80(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+  m.def("cuda_attention_varlen_fwd_sm80(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+        "Tensor? prefix_len, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("cuda_attention_varlen_bwd_sm80(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor cu_seqlens, int max_seqlen, Tensor? prefix_len, bool causal, float scale, Tensor(a!) dq, "
+        "Tensor(b!) dk, Tensor(c!) dv) -> ()");
   // No tensor argument to dispatch on: one kernel for every dispatch key.
   m.def("cuda_attention_sm80_has_code(int device) -> bool", &aimv2::attention_sm80_has_code);
 }
@@ -61,6 +67,8 @@ TORCH_LIBRARY_IMPL(aimv2_kernels, CUDA, m) {
   m.impl("cuda_attention_varlen_bwd_sm90", &aimv2::attention_varlen_bwd_sm90);
   m.impl("cuda_attention_fwd_sm80", &aimv2::attention_fwd_sm80);
   m.impl("cuda_attention_bwd_sm80", &aimv2::attention_bwd_sm80);
+  m.impl("cuda_attention_varlen_fwd_sm80", &aimv2::attention_varlen_fwd_sm80);
+  m.impl("cuda_attention_varlen_bwd_sm80", &aimv2::attention_varlen_bwd_sm80);
 }
 
 // An empty Python module, so that `import aimv2_kernels._C` loads the library (and registers the ops

@@ -63,10 +63,13 @@ void ce_rows(const at::Tensor& logits, const std::optional<at::Tensor>& bias, co
 std::tuple<at::Tensor, at::Tensor> attention_fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& prefix_len, bool causal,
                                                       double scale);
-// Its backward into dq, dk, dv (like q: unit last stride, rows on 16-byte boundaries); deterministic.
+// Its backward into dq, dk, dv (like q: unit last stride, rows on 16-byte boundaries). deterministic:
+// the same bits every run (a dQ kernel and a dK/dV kernel, 7 GEMMs per tile pair); otherwise 5 GEMMs
+// per tile pair, dQ summed by float32 atomics in the dK/dV kernel (its last bits may vary run to run).
 void attention_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
-                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+                        bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                        bool deterministic);
 // Varlen: packed sequences q, k, v (T, H, D), sample b the rows [cu_seqlens[b], cu_seqlens[b + 1])
 // (int32 (N + 1,) on the device, N <= 65535), at most max_seqlen rows each, prefix_len (N,) or none.
 // Returns out (T, H, D) and lse (H, T) float32; the backward writes dq, dk, dv (T, H, D, rows on
@@ -79,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm90(const at::Tensor& q
 void attention_varlen_bwd_sm90(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
                                int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
-                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                               bool deterministic);
 
 // Prefix-causal attention on sm_80 and newer (csrc/attention_sm80.cu: mma.sync, cp.async, ldmatrix):
 // the contract of attention_fwd / attention_bwd in aimv2_kernels/ops/attention.py. q, k, v (B, H, S, D)
@@ -97,5 +101,20 @@ bool attention_sm80_has_code(int64_t device);
 void attention_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& prefix_len,
                         bool causal, double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+// Varlen (the contract of attention_varlen_fwd / attention_varlen_bwd in
+// aimv2_kernels/ops/attention_varlen.py): packed sequences q, k, v (T, H, D), as above but for the
+// shape; sample b the rows [cu_seqlens[b], cu_seqlens[b + 1]) (int32 (N + 1,) on the device, read
+// there), at most max_seqlen rows each, prefix_len (N,) int32/int64 or none. Returns out (T, H, D)
+// contiguous and lse (H, T) float32; the backward writes dq, dk, dv (T, H, D) (any strides with a unit
+// last stride: views of a packed (T, 3, H, D) buffer qualify). One launch per kernel for all sequences.
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_sm80(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                             int64_t max_seqlen,
+                                                             const std::optional<at::Tensor>& prefix_len, bool causal,
+                                                             double scale);
+void attention_varlen_bwd_sm80(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
+                               int64_t max_seqlen, const std::optional<at::Tensor>& prefix_len, bool causal,
+                               double scale, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 }  // namespace aimv2

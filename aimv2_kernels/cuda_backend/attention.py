@@ -7,6 +7,11 @@ Two compiled paths implement the registry kernels `attention_fwd` and `attention
   * sm_80 and newer (A100, and any card the sm_90 path does not cover): `cuda_attention_fwd_sm80` /
     `cuda_attention_bwd_sm80` (csrc/attention_sm80.cu: mma.sync tiles, cp.async double buffering).
 
+Packed variable-length sequences (registry kernels `attention_varlen_fwd` / `attention_varlen_bwd`)
+run `cuda_attention_varlen_fwd_sm80` / `cuda_attention_varlen_bwd_sm80` on every card, Hopper
+included for now: the sm_80 kernels in their varlen mode, one launch for all sequences, each block
+reading its sequence's bounds from cu_seqlens on the device.
+
 Both take bf16/fp16 q, k, v with head dim 64 or 128 whose rows start on 16-byte boundaries (every
 stride but the last a multiple of 8 elements, as TMA and cp.async need). Anything else (fp32, fp64,
 another head dim, odd strides, a card below sm_80) runs the next backend in the explicit fallback
@@ -161,15 +166,67 @@ def attention_bwd_cuda(dout, q, k, v, out, lse, prefix_len, causal, scale, grads
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         return _fallback("attention_bwd", reason)(dout, q, k, v, out, lse, prefix_len, causal, scale, grads)
-    # dout is autograd's (often a broadcast of `.sum()`'s scalar): any layout the kernels cannot read
-    # becomes one dense copy, never a slower backend for the whole backward.
-    dout = dout if _aligned(dout) and not _broadcast(dout) and dout.stride(-1) == 1 else dout.contiguous()
     grads = empty_grads(q, k, v) if grads is None else grads
-    args = (dout, q, k, v, out, lse, prefix_len, causal, scale, *grads)
+    args = (_dense_dout(dout), q, k, v, out, lse, prefix_len, causal, scale, *grads)
     sm90 = _hopper_op("cuda_attention_bwd_sm90", q)
     # The backward op returns nothing; the device lands in _no_sm90a only when the Hopper call refused.
-    if sm90 is None or (_run_hopper(sm90, q.device, args) is None and q.device.index in _no_sm90a):
+    # Its trailing `deterministic` picks the design: dQ by float32 atomics (5 GEMMs) unless asked.
+    hopper_args = (*args, backend.deterministic_algorithms())
+    if sm90 is None or (_run_hopper(sm90, q.device, hopper_args) is None and q.device.index in _no_sm90a):
         _compiled("cuda_attention_bwd_sm80")(*args)
+    return grads
+
+
+def _dense_dout(dout: Tensor) -> Tensor:
+    """dout is autograd's (often a broadcast of `.sum()`'s scalar): any layout the kernels cannot read
+    becomes one dense copy, never a slower backend for the whole backward."""
+    return dout if _aligned(dout) and not _broadcast(dout) and dout.stride(-1) == 1 else dout.contiguous()
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    """The varlen forward's (out, lse) from shapes alone, uninitialized: its fake kernel (the reference
+    reads cu_seqlens' values) and the result of an empty call."""
+    T, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty(H, T, dtype=torch.float32)
+
+
+def attention_varlen_fwd_cuda(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale):
+    """q, k, v (T, H, D) packed sequences -> (out (T, H, D) contiguous, lse (H, T) float32)."""
+    if q.numel() == 0:  # T or H of 0: nothing to launch
+        return _varlen_fwd_fake(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+    q, k, v = (kernel_layout(t) for t in (q, k, v))
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        return _fallback("attention_varlen_fwd", reason)(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+    return _compiled("cuda_attention_varlen_fwd_sm80")(q, k, v, cu_seqlens, max_seqlen, prefix_len, causal, scale)
+
+
+def _writable(t: Tensor) -> bool:
+    """Whether the kernels can write gradient buffer t in place (rows off 16-byte boundaries are
+    handled by the compiled op itself: it computes them aside and copies)."""
+    return t.stride(-1) == 1 and not _broadcast(t)
+
+
+def attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix_len, causal, scale,
+                              grads=None):
+    """-> (dq, dk, dv) (T, H, D): written into `grads` when given (e.g. the views of one packed
+    (T, 3, H, D) buffer), else new tensors like q, k, v."""
+    if q.numel() == 0:
+        return empty_grads(q, k, v) if grads is None else grads
+    q, k, v = (kernel_layout(t) for t in (q, k, v))
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        return _fallback("attention_varlen_bwd", reason)(dout, q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                         prefix_len, causal, scale, grads)
+    grads = empty_grads(q, k, v) if grads is None else grads
+    # A buffer the kernels cannot write (a last stride other than 1) gets a dense stand-in, copied back.
+    targets = tuple(g if _writable(g) else torch.empty_like(g, memory_format=torch.contiguous_format)
+                    for g in grads)
+    _compiled("cuda_attention_varlen_bwd_sm80")(_dense_dout(dout), q, k, v, out, lse, cu_seqlens, max_seqlen,
+                                                prefix_len, causal, scale, *targets)
+    for grad, target in zip(grads, targets):
+        if target is not grad:
+            grad.copy_(target)
     return grads
 
 
@@ -187,4 +244,10 @@ def register() -> None:
             torch.library.register_fake(f"aimv2_kernels::cuda_attention_fwd_{path}")(reference_fwd)
         if _compiled(f"cuda_attention_bwd_{path}") is not None:
             torch.library.register_fake(f"aimv2_kernels::cuda_attention_bwd_{path}")(lambda *args: None)
+    if _compiled("cuda_attention_varlen_fwd_sm80") is None or _compiled("cuda_attention_varlen_bwd_sm80") is None:
+        return
+    backend.register("attention_varlen_fwd", "cuda")(attention_varlen_fwd_cuda)
+    backend.register("attention_varlen_bwd", "cuda")(attention_varlen_bwd_cuda)
+    torch.library.register_fake("aimv2_kernels::cuda_attention_varlen_fwd_sm80")(_varlen_fwd_fake)
+    torch.library.register_fake("aimv2_kernels::cuda_attention_varlen_bwd_sm80")(lambda *args: None)
 

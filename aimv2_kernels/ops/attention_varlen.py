@@ -6,10 +6,11 @@ to query i iff (not causal) or j <= i or j < prefix_len[s], positions counted fr
 start); nothing is visible across sequences. The output is (T, H, D), contiguous.
 
 Backends: "triton" (triton_backend/attention_varlen.py: the padded kernels with VARLEN=True, one
-launch over all sequences), which CUDA tensors get under every backend choice, and "torch"
-(torch_backend/attention_varlen.py: the padded op's math on the sequences zero-padded into one
-batch; the reference in reference.py loops over sequences), for CPU tensors outside the
-interpreter. Both keep lse as (H, T).
+launch over all sequences), which CUDA tensors get under "triton" and "auto"; "cuda"
+(cuda_backend/attention.py: the csrc/ sm_80 kernels in their varlen mode, also one launch over all
+sequences); and "torch" (torch_backend/attention_varlen.py: the padded op's math on the sequences
+zero-padded into one batch; the reference in reference.py loops over sequences), for CPU tensors
+outside the interpreter. All keep lse as (H, T).
 """
 from __future__ import annotations
 
